@@ -1,0 +1,1 @@
+"""The hospital side: ClientApp, local DP training, privacy accounting, hospital CLI."""

@@ -1,0 +1,218 @@
+"""The hospital's ClientApp: thin Flower handlers around fedcare's training loop.
+
+Three message types:
+
+* ``query``: federated preprocessing statistics (counts, sums, sums of squares).
+* ``train``: one round of local (DP-)training from the global model.
+* ``evaluate``: metrics of the global model on the site's test records.
+
+Whatever goes wrong, the reply carries a numeric code and a fixed reason written by
+fedcare (``fedcare.shared.errors``); exception text, which could quote a patient value,
+is logged locally only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..shared import errors
+from ..shared.arrays import load_into, to_numpy, to_record
+from ..shared.config import RunConfig, SiteConfig
+from ..shared.errors import BudgetExceeded, ConfigError, DataError
+from ..shared.registry import get_task
+from ..shared.tasks.base import Site, Task
+from . import privacy, training
+from .site import load_site, prepared
+
+log = logging.getLogger("fedcare.client")
+
+app = ClientApp()
+
+PRIVACY_STATE = "fedcare.privacy"
+LOCAL_STATE = "fedcare.local"
+#: Keys a server may put in a message's config; anything else is refused.
+MESSAGE_CONFIG_KEYS = {"server-round", "proximal-mu"}
+
+
+class _Job:
+    """Everything a handler needs, parsed once from the message and the context."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        self.msg, self.context = msg, context
+        self.site_cfg = SiteConfig.from_mapping(dict(context.node_config))
+        raw = RunConfig.from_mapping(dict(context.run_config))
+        self.task: Task = get_task(raw.task)
+        self.cfg = raw.resolved(self.task.defaults)
+        self.config = _message_config(msg)
+        self.site: Site = load_site(self.task, self.cfg, self.site_cfg)
+
+    @property
+    def prep(self) -> dict[str, np.ndarray]:
+        content = self.msg.content
+        return to_numpy(content["preprocess"]) if "preprocess" in content.array_records else {}
+
+    def model(self) -> torch.nn.Module:
+        """Global shared arrays from the message plus this site's local parameters."""
+        torch.manual_seed(self.cfg.seed)
+        model = self.task.build_model(self.cfg)
+        shared = set(self.task.shared_state(model))
+        load_into_partial(model, to_numpy(self.msg.content["arrays"]), shared)
+        if LOCAL_STATE in self.context.state.array_records:
+            local = to_numpy(self.context.state.array_records[LOCAL_STATE])
+            load_into_partial(model, local, set(self.task.local_state(model)))
+        return model
+
+    def site_record(self) -> ConfigRecord:
+        return ConfigRecord({"name": self.site.name})
+
+
+def load_into_partial(model: torch.nn.Module, arrays: dict[str, np.ndarray], keys: set[str]) -> None:
+    state = model.state_dict()
+    full = {k: arrays[k] if k in arrays else None for k in keys}
+    if any(v is None for v in full.values()) or set(arrays) - keys:
+        raise ConfigError("global model arrays do not match this task's model")
+    merged = {k: v.detach().cpu().numpy() for k, v in state.items()}
+    merged.update(full)  # type: ignore[arg-type]
+    load_into(model, merged)
+
+
+def _message_config(msg: Message) -> dict[str, Any]:
+    config = dict(msg.content["config"]) if "config" in msg.content.config_records else {}
+    unknown = set(config) - MESSAGE_CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"message config key(s) not accepted by the site: {', '.join(sorted(unknown))}")
+    return config
+
+
+def _guarded(handler: Callable[[_Job], RecordDict]) -> Callable[[Message, Context], Message]:
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            job = _Job(msg, context)
+            return Message(handler(job), reply_to=msg)
+        except BudgetExceeded as exc:
+            log.warning("refused: %s", exc)
+            return Message(Error(errors.BUDGET_REFUSED, f"{errors.WIRE_REASONS[errors.BUDGET_REFUSED]}: {exc}"),
+                           reply_to=msg)
+        except ConfigError as exc:
+            log.warning("config rejected: %s", exc)
+            return Message(Error(errors.CONFIG_REJECTED, errors.WIRE_REASONS[errors.CONFIG_REJECTED]),
+                           reply_to=msg)
+        except DataError as exc:
+            log.error("site data invalid: %s", exc)
+            return Message(Error(errors.DATA_INVALID, errors.WIRE_REASONS[errors.DATA_INVALID]), reply_to=msg)
+        except Exception:  # noqa: BLE001 - anything else must not leak its text
+            log.exception("internal error while handling %s", msg.metadata.message_type)
+            return Message(Error(errors.INTERNAL_ERROR, errors.WIRE_REASONS[errors.INTERNAL_ERROR]),
+                           reply_to=msg)
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+@app.query()
+@_guarded
+def stats(job: _Job) -> RecordDict:
+    """Sufficient statistics of the site's training records (sums, never rows)."""
+    local = job.task.local_stats(job.site.train, job.cfg)
+    return RecordDict({
+        "stats": to_record(local),
+        "metrics": MetricRecord({"num-examples": len(job.site.train), "num-test": len(job.site.test)}),
+        "site": job.site_record(),
+    })
+
+
+@app.train()
+@_guarded
+def train(job: _Job) -> RecordDict:
+    data = prepared(job.task, job.site, job.prep, job.cfg, train=True)
+    model = job.model()
+    round_ = int(job.config.get("server-round", 1))
+    seed = job.cfg.seed * 1_000_003 + round_ * 7_919 + _stable_hash(job.site.name)
+    state = _privacy_state(job, len(data))
+
+    sigma = state.noise_multiplier if state is not None else None
+    if state is not None:
+        _, steps = training.steps_per_round(len(data), job.cfg)
+        over, eps_after = privacy.round_would_exceed([], state, steps, job.site_cfg.epsilon, job.site_cfg.delta)
+        if over:
+            raise BudgetExceeded(
+                f"round {round_} would reach epsilon={eps_after:.4f} > budget {job.site_cfg.epsilon:g} "
+                f"at delta={job.site_cfg.delta:g}")
+
+    mu = float(job.config.get("proximal-mu", 0.0))
+    outcome = training.train(job.task, model, data, job.cfg, noise_multiplier=sigma, seed=seed, proximal_mu=mu)
+
+    eps = math.inf
+    if state is not None:
+        state.history.extend(outcome.history)
+        job.context.state.config_records[PRIVACY_STATE] = ConfigRecord(state.to_record())
+        eps = privacy.epsilon(state.history, job.site_cfg.delta)
+    local = job.task.local_state(model)
+    if local:
+        job.context.state.array_records[LOCAL_STATE] = to_record(local)
+
+    return RecordDict({
+        "arrays": to_record(job.task.shared_state(model)),
+        "metrics": MetricRecord({
+            "num-examples": len(data),
+            "train-loss": outcome.loss,
+            "steps": outcome.steps,
+            "epsilon": eps if math.isfinite(eps) else -1.0,
+            "delta": job.site_cfg.delta if state is not None else 0.0,
+            "noise-multiplier": sigma or 0.0,
+        }),
+        "site": job.site_record(),
+    })
+
+
+@app.evaluate()
+@_guarded
+def evaluate(job: _Job) -> RecordDict:
+    data = prepared(job.task, job.site, job.prep, job.cfg, train=False)
+    model = job.model()
+    scores, loss = training.evaluate(job.task, model, data)
+    eps = _spent(job)
+    metrics: dict[str, float | int] = {"num-examples": len(data), "loss": loss,
+                                       "epsilon": eps, "delta": job.site_cfg.delta if eps >= 0 else 0.0}
+    metrics.update({k: float(v) for k, v in scores.items()})
+    return RecordDict({"metrics": MetricRecord(metrics), "site": job.site_record()})
+
+
+def _privacy_state(job: _Job, n_train: int) -> privacy.PrivacyState | None:
+    """This run's accountant state; on the first round, calibrate noise for the whole run."""
+    if not job.site_cfg.private:
+        return None
+    records = job.context.state.config_records
+    if PRIVACY_STATE in records:
+        return privacy.PrivacyState.from_record(dict(records[PRIVACY_STATE]))
+    q, steps = training.steps_per_round(n_train, job.cfg)
+    planned = steps * job.cfg.num_rounds
+    try:
+        sigma = privacy.calibrate_noise([], q, planned, job.site_cfg.epsilon, job.site_cfg.delta)
+    except ValueError:
+        raise BudgetExceeded(f"no noise level keeps {planned} steps within epsilon={job.site_cfg.epsilon:g}") from None
+    state = privacy.PrivacyState(noise_multiplier=sigma, sample_rate=q, planned_steps=planned)
+    records[PRIVACY_STATE] = ConfigRecord(state.to_record())
+    return state
+
+
+def _spent(job: _Job) -> float:
+    if not job.site_cfg.private:
+        return -1.0
+    records = job.context.state.config_records
+    if PRIVACY_STATE not in records:
+        return 0.0
+    state = privacy.PrivacyState.from_record(dict(records[PRIVACY_STATE]))
+    return privacy.epsilon(state.history, job.site_cfg.delta)
+
+
+def _stable_hash(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 1_000_003

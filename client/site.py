@@ -1,0 +1,79 @@
+"""Which data a hospital trains on, loaded once per process and kept in memory.
+
+A SuperNode's node config decides: ``data`` (the hospital's own file or folder, read
+through the task's declared schema) or, in simulation, ``partition-id`` /
+``num-partitions`` selecting one virtual hospital of a builtin dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from ..shared.config import RunConfig, SiteConfig
+from ..shared.errors import ConfigError
+from ..shared.registry import get_task
+from ..shared.splits import partition_sites, split_site
+from ..shared.tasks.base import Site, Task
+
+
+def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
+    """The hospital's train/test records for this run."""
+    if site_cfg.data:
+        path = Path(site_cfg.data).expanduser()
+        stamp = path.stat().st_mtime_ns if path.exists() else 0
+        site = _file_site(task.name, cfg.dataset, str(path), stamp, site_cfg.strict, cfg.seed)
+    elif site_cfg.partition_id is not None:
+        sites = builtin_partition(task.name, cfg.dataset, cfg.partition, cfg.num_sites,
+                                  cfg.dirichlet_alpha, cfg.seed)
+        if site_cfg.num_partitions is not None and site_cfg.num_partitions != len(sites):
+            raise ConfigError(
+                f"{site_cfg.num_partitions} virtual hospitals but dataset '{cfg.dataset}' with "
+                f"partition '{cfg.partition}' has {len(sites)} sites (set num-sites or partition)")
+        if not 0 <= site_cfg.partition_id < len(sites):
+            raise ConfigError(f"partition-id {site_cfg.partition_id} out of range 0..{len(sites) - 1}")
+        site = sites[site_cfg.partition_id]
+    else:
+        raise ConfigError("node config names no data: set data=PATH (or partition-id in simulation)")
+    if site_cfg.site:
+        site = Site(name=site_cfg.site, train=site.train, test=site.test)
+    return site
+
+
+@lru_cache(maxsize=8)
+def builtin_partition(task_name: str, dataset: str, scheme: str, num_sites: int, alpha: float,
+                      seed: int) -> tuple[Site, ...]:
+    task = get_task(task_name)
+    sites = task.builtin_sites(dataset, seed)
+    if scheme == "natural" and len(sites) == 1:
+        scheme = "iid"  # a pooled dataset has no natural hospitals: deal it IID
+    return tuple(partition_sites(task, sites, scheme, num_sites, alpha, seed))
+
+
+@lru_cache(maxsize=64)
+def _file_site(task_name: str, dataset: str, path: str, stamp: int, strict: bool, seed: int) -> Site:
+    task = get_task(task_name)
+    records = task.read_file(Path(path), dataset, strict=strict)
+    return split_site(task, Path(path).stem, records, task.test_fraction, seed)
+
+
+_DATASETS: dict[tuple, Dataset] = {}
+
+
+def prepared(task: Task, site: Site, prep: dict[str, np.ndarray], cfg: RunConfig, *, train: bool) -> Dataset:
+    """Tensors for a site under the federation's preprocessing, built once and reused."""
+    digest = hashlib.sha256()
+    for k in sorted(prep):
+        digest.update(k.encode())
+        digest.update(np.ascontiguousarray(prep[k]).tobytes())
+    key = (task.name, cfg.dataset, cfg.model, id(site.train), id(site.test), train, digest.hexdigest())
+    if key not in _DATASETS:
+        if len(_DATASETS) > 4096:
+            _DATASETS.clear()
+        records = site.train if train else site.test
+        _DATASETS[key] = task.to_dataset(records, prep, cfg, train=train)
+    return _DATASETS[key]

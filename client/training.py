@@ -1,0 +1,163 @@
+"""The local training and evaluation loop every task shares.
+
+With a finite budget the loop is Opacus DP-SGD: Poisson sampling (sample rate
+batch_size / n), per-sample clipping, Gaussian noise from a generator seeded by the
+operating system's CSPRNG (unless the run asks for reproducible noise), and the RDP
+accountant recording every step. Without a budget (ε = inf) it is plain mini-batch
+training, for comparison.
+
+FedProx' proximal term is applied as a decoupled step after each optimiser step
+(w <- w - lr * mu * (w - w_global)). It depends on no record, so it is post-processing
+of the private gradient and costs no privacy; added to the loss it would be silently
+dropped by Opacus, which privatises per-sample gradients only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..shared.config import RunConfig
+from ..shared.tasks.base import Task
+
+
+def device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def noise_generator(reproducible: bool, seed: int, dev: torch.device) -> torch.Generator:
+    """DP noise source: OS CSPRNG seed unless reproducibility is asked for explicitly."""
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed if reproducible else int.from_bytes(os.urandom(8), "little") >> 1)
+    return gen
+
+
+def steps_per_round(n: int, cfg: RunConfig) -> tuple[float, int]:
+    """(sample rate, local steps) of one round for a site with ``n`` training records."""
+    q = min(1.0, cfg.batch_size / max(n, 1))
+    return q, max(1, int(math.ceil(cfg.local_epochs / q)))
+
+
+@dataclass
+class TrainOutcome:
+    loss: float
+    steps: int
+    history: list[tuple[float, float, int]]
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_multiplier: float | None,
+          seed: int, proximal_mu: float = 0.0) -> TrainOutcome:
+    """One round of local training; ``noise_multiplier=None`` trains without DP."""
+    dev = device()
+    model.to(dev).train()
+    n = len(data)
+    q, steps = steps_per_round(n, cfg)
+    sampler_gen = torch.Generator().manual_seed(seed)
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    optimizer = make_optimizer(model, cfg)
+
+    if noise_multiplier is None:
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=sampler_gen,
+                            drop_last=False)
+        history: list[tuple[float, float, int]] = []
+        batches = _cycle(loader, steps)
+        run_model = model
+    else:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp")
+        loader = DataLoader(data, batch_size=cfg.batch_size, generator=sampler_gen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_model, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=noise_generator(cfg.reproducible_noise, seed + 1, dev),
+            )
+        batches = _cycle(loader, steps)
+        history = engine.accountant.history  # filled as the optimiser steps
+
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = [t.to(dev) for t in batch]
+        optimizer.zero_grad(set_to_none=True)
+        if len(batch[0]) == 0:
+            # An empty Poisson batch still costs a step: Opacus adds noise to zero grads.
+            if noise_multiplier is not None:
+                _zero_grads(run_model)
+                optimizer.step()
+            continue
+        loss = task.loss(run_model, batch)
+        loss.backward()
+        optimizer.step()
+        if global_params is not None:
+            _proximal_step(model, global_params, cfg.lr * proximal_mu)
+        total += float(loss.detach()) * len(batch[0])
+        count += len(batch[0])
+
+    if noise_multiplier is not None:
+        run_model._close() if hasattr(run_model, "_close") else None
+        history = list(history)
+    return TrainOutcome(loss=total / max(count, 1), steps=steps, history=history)
+
+
+def evaluate(task: Task, model: nn.Module, data: Dataset, batch_size: int = 256) -> tuple[dict[str, float], float]:
+    """Task metrics and mean loss on ``data``."""
+    dev = device()
+    model.to(dev).eval()
+    scores, targets = [], []
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in DataLoader(data, batch_size=batch_size):
+            batch = [t.to(dev) for t in batch]
+            total += float(task.loss(model, batch)) * len(batch[0])
+            count += len(batch[0])
+            s, t = task.predict(model, batch)
+            scores.append(s)
+            targets.append(t)
+    if not scores:
+        return {}, math.nan
+    return task.metrics(np.concatenate(scores), np.concatenate(targets)), total / max(count, 1)
+
+
+def _cycle(loader, steps: int):
+    """Yield exactly ``steps`` batches, restarting the loader as needed."""
+    done = 0
+    while done < steps:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if empty:
+            return
+
+
+def _zero_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0,) + tuple(p.shape), device=p.device)
+
+
+def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], scale: float) -> None:
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), global_params):
+            p.sub_(scale * (p - g))

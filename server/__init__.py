@@ -1,0 +1,1 @@
+"""The coordinator side: ServerApp, round loop, reply validation, run folder, coordinator CLI."""

@@ -1,0 +1,266 @@
+"""The coordinator's round loop: preprocessing, training, validation, evaluation, files.
+
+Per run:
+
+1. A ``query`` round collects each site's sufficient statistics (sums only); their
+   total becomes the federation's preprocessing parameters, sent with every later
+   message.
+2. Each round: the strategy samples sites and builds ``train`` messages; every reply is
+   validated (``validation``) and only accepted replies are aggregated; then every site
+   evaluates the new global model on its own test records.
+3. Per-site and global metrics are written after each round; the final model, summary
+   and plot when the run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from ..shared.arrays import to_numpy, to_record
+from ..shared.config import RunConfig
+from ..shared.registry import get_task
+from . import events, results, validation
+from .strategies import build_strategy
+
+log = logging.getLogger("fedcare.server")
+
+#: Update-norm bound for a reply, relative to nothing: absolute L2 distance from the
+#: global model. Honest DP updates are orders of magnitude smaller.
+MAX_UPDATE_NORM = 1e4
+
+
+@dataclass
+class SiteStatus:
+    name: str
+    num_train: int = 0
+    num_test: int = 0
+    epsilon: float = math.nan
+    delta: float = math.nan
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_round: int = 0
+    missed: list[int] = field(default_factory=list)
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"{cfg.task}-{stamp}"
+
+
+def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> Path:
+    """Run all rounds on ``grid`` and return the finished run folder."""
+    task = get_task(raw_cfg.task)
+    cfg = raw_cfg.resolved(task.defaults)
+    observer = events.current.get()
+    random.seed(cfg.seed)  # Flower's node sampling; not a DP noise source
+    torch.manual_seed(cfg.seed)
+    model = task.build_model(cfg)
+    global_arrays = {k: v.detach().cpu().numpy().copy() for k, v in task.shared_state(model).items()}
+
+    folder = results.RunFolder(out or default_out_dir(cfg))
+    try:
+        folder.write_config(cfg.to_mapping())
+        nodes = _wait_for_nodes(grid, cfg)
+        sites, prep = _preprocessing_round(grid, nodes, task, cfg)
+        observer.started(cfg.num_rounds, {n: s.name for n, s in sites.items()}, cfg.to_mapping())
+        prep_record = to_record(prep)
+        strategy = build_strategy(cfg, len(nodes))
+        for rnd in range(1, cfg.num_rounds + 1):
+            global_arrays = _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg,
+                                         folder, observer)
+            _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task, cfg, folder,
+                            observer)
+        summary = _summary(task, cfg, sites)
+        folder.write_summary(summary)
+        folder.save_model(global_arrays, prep)
+        results.plot_progress(folder.path, task.main_metric)
+        final = folder.finish()
+    except BaseException:
+        folder.discard()
+        raise
+    observer.finished(str(final), summary)
+    return final
+
+
+def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
+    deadline = time.monotonic() + cfg.round_timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= cfg.min_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} site(s) connected; min-sites is {cfg.min_sites}")
+        time.sleep(0.5)
+
+
+def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
+    """Ask every site for sums; the federation's preprocessing is their total."""
+    msgs = [Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    sites: dict[int, SiteStatus] = {}
+    totals: dict[str, np.ndarray] | None = None
+    observer = events.current.get()
+    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        node = msg.metadata.src_node_id
+        name = validation.site_name(msg)
+        verdict = _check_stats(msg, totals)
+        if not verdict.ok:
+            observer.rejected(0, name, verdict.reason)
+            continue
+        stats = to_numpy(msg.content.array_records["stats"])
+        metrics = msg.content.metric_records["metrics"]
+        sites[node] = SiteStatus(name=_unique(name, node, sites), num_train=int(metrics["num-examples"]),
+                                 num_test=int(metrics.get("num-test", 0)))
+        totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
+    if len(sites) < cfg.min_sites:
+        raise RuntimeError(f"only {len(sites)} site(s) answered the preprocessing round; min-sites is {cfg.min_sites}")
+    return sites, task.finalize_stats(totals or {}, cfg)
+
+
+def _check_stats(msg: Message, totals: dict[str, np.ndarray] | None) -> validation.Verdict:
+    if msg.has_error():
+        return validation.Verdict(False, f"error reply (code {msg.error.code}): {msg.error.reason}")
+    verdict = validation.check_metrics(msg)
+    if not verdict.ok:
+        return verdict
+    if set(msg.content.array_records) != {"stats"}:
+        return validation.Verdict(False, "expected one ArrayRecord 'stats'")
+    stats = msg.content.array_records["stats"]
+    for k, v in stats.items():
+        arr = v.numpy()
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return validation.Verdict(False, f"statistic '{k}' is not finite")
+        if totals is not None and (k not in totals or totals[k].shape != arr.shape):
+            return validation.Verdict(False, f"statistic '{k}' does not match the other sites'")
+    if totals is not None and set(stats.keys()) != set(totals):
+        return validation.Verdict(False, "statistics keys differ from the other sites'")
+    return validation.Verdict(True)
+
+
+def _unique(name: str, node: int, sites: dict[int, SiteStatus]) -> str:
+    taken = {s.name for s in sites.values()}
+    return name if name not in taken else f"{name}-{node}"
+
+
+def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, folder, observer):
+    msgs = list(strategy.configure_train(rnd, to_record(global_arrays), ConfigRecord(), grid))
+    sent = {m.metadata.dst_node_id for m in msgs}
+    for m in msgs:
+        m.content["preprocess"] = prep_record
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    accepted: list[Message] = []
+    rows: list[dict[str, Any]] = []
+    answered = set()
+    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        site = sites.get(node)
+        name = site.name if site else validation.site_name(msg)
+        verdict = validation.check_train_reply(msg, global_arrays, MAX_UPDATE_NORM) if site else \
+            validation.Verdict(False, "site skipped the preprocessing round")
+        if not verdict.ok:
+            observer.rejected(rnd, name, verdict.reason)
+            rows.append({"round": rnd, "site": name, "node_id": node, "status": f"rejected: {verdict.reason}",
+                         "phase": "train"})
+            continue
+        accepted.append(msg)
+        m = msg.content.metric_records["metrics"]
+        eps = float(m.get("epsilon", -1.0))
+        if eps >= 0:
+            site.epsilon, site.delta = eps, float(m["delta"])
+        site.num_train = int(m["num-examples"])
+    for node in sorted(sent - answered):
+        if node in sites:
+            sites[node].missed.append(rnd)
+            observer.rejected(rnd, sites[node].name, "no reply before the round timeout")
+    folder.append_metrics(rows)
+    if len(accepted) < min(cfg.min_sites, len(sites)):
+        log.warning("round %d: %d accepted update(s) < min-sites %d; global model unchanged",
+                    rnd, len(accepted), cfg.min_sites)
+        return global_arrays
+    aggregated, _ = strategy.aggregate_train(rnd, accepted)
+    if aggregated is None:
+        return global_arrays
+    new = to_numpy(aggregated)
+    return {k: new[k].astype(global_arrays[k].dtype, copy=False) for k in global_arrays}
+
+
+def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task, cfg, folder, observer):
+    msgs = list(strategy.configure_evaluate(rnd, to_record(global_arrays), ConfigRecord(), grid))
+    for m in msgs:
+        m.content["preprocess"] = prep_record
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+    rows, problems = [], []
+    weighted: dict[str, float] = {}
+    total = 0
+    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        node = msg.metadata.src_node_id
+        site = sites.get(node)
+        if site is None:
+            continue
+        verdict = validation.check_evaluate_reply(msg)
+        if not verdict.ok:
+            observer.rejected(rnd, site.name, verdict.reason)
+            problems.append(f"{site.name}: {verdict.reason}")
+            continue
+        m = {k: float(v) for k, v in msg.content.metric_records["metrics"].items()}
+        n = int(m.pop("num-examples"))
+        m.pop("epsilon", None)
+        m.pop("delta", None)
+        site.num_test, site.last_eval, site.last_eval_round = n, m, rnd
+        rows.append({"round": rnd, "site": site.name, "node_id": node, "status": "ok", "phase": "evaluate",
+                     "num_train": site.num_train, "num_test": n,
+                     "epsilon": site.epsilon if not math.isnan(site.epsilon) else None,
+                     "delta": site.delta if not math.isnan(site.delta) else None, **m})
+        for k, v in m.items():
+            if math.isfinite(v):
+                weighted[k] = weighted.get(k, 0.0) + v * n
+        total += n
+    folder.append_metrics(rows)
+    glob = {k: v / total for k, v in weighted.items()} if total else {}
+    eps = [s.epsilon for s in sites.values() if not math.isnan(s.epsilon)]
+    folder.append_round({"round": rnd, "sites_evaluated": len(rows), "max_epsilon": max(eps) if eps else None,
+                         **glob})
+    observer.round_done(rnd, cfg.num_rounds, task.main_metric, glob.get(task.main_metric, math.nan),
+                        max(eps) if eps else math.inf, problems)
+
+
+def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, Any]:
+    per_site: dict[str, Any] = {}
+    for node, s in sorted(sites.items(), key=lambda kv: kv[1].name):
+        entry = {k: s.last_eval.get(k) for k in s.last_eval if k != "loss"}
+        entry.update({
+            "num_examples": s.num_test,
+            "num_train": s.num_train,
+            "epsilon": s.epsilon if not math.isnan(s.epsilon) else None,
+            "delta": s.delta if not math.isnan(s.delta) else None,
+            "dp": not math.isnan(s.epsilon),
+            "evaluated_round": s.last_eval_round,
+            "missed_rounds": s.missed,
+        })
+        per_site[s.name] = entry
+    summary: dict[str, Any] = {
+        "task": cfg.task, "dataset": cfg.dataset, "model": cfg.model, "strategy": cfg.strategy,
+        "rounds": cfg.num_rounds, "seed": cfg.seed, "main_metric": task.main_metric,
+        "sites": per_site,
+    }
+    for metric in ("accuracy", "precision", "recall", "f1", "roc_auc", task.main_metric):
+        vals = [v[metric] for v in per_site.values() if isinstance(v.get(metric), float) and math.isfinite(v[metric])]
+        if vals:
+            summary[f"mean_site_{metric}"] = float(np.mean(vals))
+    summary["missing_sites"] = sorted(s.name for s in sites.values() if s.missed and s.missed[-1] == cfg.num_rounds)
+    eps = [s.epsilon for s in sites.values() if not math.isnan(s.epsilon)]
+    summary["max_epsilon"] = max(eps) if eps else None
+    return summary

@@ -1,0 +1,34 @@
+"""Flower strategies by name, configured from the run config.
+
+fedcare drives the rounds itself (validation, per-site metrics, run folder) and uses
+the strategy for what it is good at: sampling nodes and aggregating accepted replies.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+
+from ..shared.config import RunConfig
+
+
+def build_strategy(cfg: RunConfig, num_nodes: int) -> Strategy:
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min(cfg.min_sites, num_nodes),
+        min_evaluate_nodes=min(cfg.min_sites, num_nodes),
+        min_available_nodes=min(cfg.min_sites, num_nodes),
+    )
+    if cfg.strategy == "fedavg":
+        return FedAvg(**common)
+    if cfg.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedadam":
+        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    if cfg.strategy == "median":
+        return FedMedian(**common)
+    if cfg.strategy == "trimmed-mean":
+        return FedTrimmedAvg(**common, beta=0.25)
+    if cfg.strategy == "krum":
+        return Krum(**common, num_malicious_nodes=max(1, num_nodes // 4))
+    raise ValueError(f"unknown strategy {cfg.strategy!r}")

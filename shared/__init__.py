@@ -1,0 +1,1 @@
+"""Code both the coordinator and the hospitals need: config, task registry, tasks."""

@@ -1,0 +1,192 @@
+"""Typed configuration, parsed once at the edge.
+
+Two sources, two owners:
+
+* ``RunConfig`` comes from the coordinator (Flower's run config: pyproject defaults plus
+  ``--run-config`` overrides). Unknown keys are rejected by name.
+* ``SiteConfig`` comes from the hospital's own node config (``--node-config``). The
+  privacy budget and the data path live only here: no run config key can set or raise
+  them.
+
+Numeric run settings use 0 (or "" / -1 where 0 is meaningful) to mean "the task's own
+default"; ``RunConfig.resolved(task)`` fills them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum")
+PARTITIONS = ("natural", "iid", "dirichlet")
+OPTIMIZERS = ("sgd", "adam")
+
+#: Budget a virtual hospital gets when its node config names none (Flower's simulation
+#: engine passes only partition ids). Deliberately strict; never taken from run config.
+DEFAULT_SITE_EPSILON = 1.0
+DEFAULT_SITE_DELTA = 1e-5
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the coordinator decides about a run."""
+
+    task: str = "diagnosis"
+    dataset: str = ""
+    model: str = ""
+    num_rounds: int = 20
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.05
+    local_epochs: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
+    optimizer: str = ""
+    weight_decay: float = -1.0
+    dropout: float = -1.0
+    max_grad_norm: float = 1.0
+    partition: str = "natural"
+    num_sites: int = 4
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    min_sites: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 600.0
+    out_dir: str = ""
+    reproducible_noise: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Parse Flower's run config (kebab-case keys); reject unknown keys by name."""
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s): {', '.join(unknown)}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        kwargs = {}
+        for key, value in values.items():
+            f = known[key]
+            kwargs[f.name] = _coerce(key, value, f.type)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"run-config '{key}': {why}")
+
+        need(self.num_rounds >= 1, "num-rounds", "must be >= 1")
+        need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
+        need(self.partition in PARTITIONS, "partition", f"one of {', '.join(PARTITIONS)}")
+        need(self.optimizer in ("",) + OPTIMIZERS, "optimizer", "sgd or adam")
+        need(self.local_epochs >= 0, "local-epochs", "must be >= 0")
+        need(self.batch_size >= 0, "batch-size", "must be >= 0")
+        need(self.lr >= 0, "lr", "must be >= 0")
+        need(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
+        need(self.num_sites >= 1, "num-sites", "must be >= 1")
+        need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
+        need(self.min_sites >= 1, "min-sites", "must be >= 1")
+        need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
+        need(self.round_timeout > 0, "round-timeout", "must be > 0")
+        need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+        need(self.dropout < 1, "dropout", "must be < 1")
+
+    def resolved(self, defaults: Mapping[str, Any]) -> "RunConfig":
+        """Fill "task default" sentinels from a task's defaults mapping."""
+        changes: dict[str, Any] = {}
+        sentinel = {"dataset": "", "model": "", "local_epochs": 0, "batch_size": 0,
+                    "lr": 0.0, "optimizer": "", "weight_decay": -1.0, "dropout": -1.0}
+        for name, empty in sentinel.items():
+            if getattr(self, name) == empty and name in defaults:
+                changes[name] = defaults[name]
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """What the hospital itself decides: its data, its name and its privacy budget."""
+
+    epsilon: float = DEFAULT_SITE_EPSILON
+    delta: float = DEFAULT_SITE_DELTA
+    data: str = ""
+    site: str = ""
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    ledger: str = ""
+    strict: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "SiteConfig":
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown node-config key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            f = known[key]
+            if key == "epsilon" and isinstance(value, str):
+                value = math.inf if value.strip().lower() in ("inf", "infinity") else value
+            kwargs[f.name] = _coerce(key, value, f.type)
+        cfg = cls(**kwargs)
+        if not (cfg.epsilon > 0):
+            raise ConfigError("node-config 'epsilon': must be > 0 (use inf to train without DP)")
+        if not (0 < cfg.delta < 1):
+            raise ConfigError("node-config 'delta': must be in (0, 1)")
+        return cfg
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    t = str(type_name)
+    try:
+        if t.startswith("int | None"):
+            return None if value is None else _as_int(value)
+        if t == "int":
+            return _as_int(value)
+        if t == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise TypeError
+        if t == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config '{key}': expected {t}, got {value!r}") from None
+    raise ConfigError(f"config '{key}': unsupported type {t}")
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        return int(value)
+    return int(value)

@@ -1,0 +1,1 @@
+"""One module per task; each registers itself with ``fedcare.shared.registry.register``."""

@@ -1,0 +1,165 @@
+"""The task contract: everything fedcare needs to federate one kind of model.
+
+A task is one module in ``fedcare.shared.tasks`` holding one ``Task`` subclass,
+registered with ``@register``. Server, client and simulator talk to tasks only
+through this interface, so a new task needs no change anywhere else.
+
+Data flows through three stages:
+
+1. ``Records``: a site's cleaned records (task-specific payload), read from a builtin
+   dataset or a hospital's own file, validated with errors naming file, row and column.
+2. Federated statistics: ``local_stats`` returns sums only (counts, sums, sums of
+   squares); the server adds them up and ``finalize_stats`` turns the totals into
+   preprocessing parameters (means, scales). Rows never leave a site.
+3. ``to_dataset``: records plus preprocessing parameters become a torch ``Dataset`` of
+   tensors that the generic DP training loop consumes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Records:
+    """A site's cleaned records before federation-wide preprocessing.
+
+    ``labels`` holds one stratification label per record (for splits and non-IID
+    partitions); ``groups`` marks records that must stay on one side of a split (a
+    slide, a scaffold, a patient), or is None when every record stands alone.
+    """
+
+    data: Any
+    labels: np.ndarray
+    groups: np.ndarray | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital's data: a name and its train/test records."""
+
+    name: str
+    train: Records
+    test: Records
+
+
+@dataclass
+class CheckReport:
+    """What ``fedcare hospital check`` prints: facts about a file, then problems."""
+
+    path: str
+    rows: int = 0
+    columns: list[dict[str, Any]] = field(default_factory=list)
+    label_counts: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Task(ABC):
+    """One federated learning task (data, model, loss, metrics, defaults)."""
+
+    #: Registry name, also the run-config value ``task``.
+    name: ClassVar[str]
+    #: Builtin datasets; the first is the default.
+    datasets: ClassVar[tuple[str, ...]]
+    #: Model kinds; the first is the default.
+    models: ClassVar[tuple[str, ...]]
+    #: Defaults for run-config sentinels (dataset, model, lr, batch_size, ...).
+    defaults: ClassVar[Mapping[str, Any]]
+    #: Metric used for the headline ("mean site ...") and plots.
+    main_metric: ClassVar[str] = "accuracy"
+    #: Parameter-name prefixes that stay at the hospital (never sent, never aggregated).
+    local_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    # ---- data -------------------------------------------------------------------
+    @abstractmethod
+    def builtin_sites(self, dataset: str, seed: int) -> list[Site]:
+        """The dataset's natural sites (hospitals), each split into train/test."""
+
+    @abstractmethod
+    def read_file(self, path: Path, dataset: str, *, strict: bool = False) -> Records:
+        """Read and validate a hospital's own data in ``dataset``'s declared schema.
+
+        Raise DataError naming file, row and column. Without ``strict``, a task may skip
+        unreadable records (counted in ``Records.source`` notes); with it, it refuses.
+        """
+
+    def check_file(self, path: Path, dataset: str) -> CheckReport:
+        """Validate a hospital's file and describe it (overridden by richer tasks)."""
+        report = CheckReport(path=str(path))
+        records = self.read_file(path, dataset)
+        report.rows = len(records)
+        values, counts = np.unique(records.labels, return_counts=True)
+        report.label_counts = {str(v): int(c) for v, c in zip(values, counts)}
+        return report
+
+    @abstractmethod
+    def take(self, records: Records, index: np.ndarray) -> Records:
+        """The subset of records at ``index`` (used by splits and partitions)."""
+
+    def concat(self, parts: Sequence[Records]) -> Records:
+        """Pool several sites' records (used by IID/Dirichlet re-partitioning)."""
+        raise NotImplementedError(f"task {self.name} cannot pool records")
+
+    test_fraction: ClassVar[float] = 0.25
+
+    # ---- federated preprocessing -------------------------------------------------
+    def local_stats(self, train: Records, cfg: Any) -> Arrays:
+        """Sufficient statistics (sums only) of a site's training records."""
+        return {}
+
+    def finalize_stats(self, totals: Arrays, cfg: Any) -> Arrays:
+        """Preprocessing parameters from federation-wide totals."""
+        return {}
+
+    @abstractmethod
+    def to_dataset(self, records: Records, prep: Arrays, cfg: Any, *, train: bool) -> Dataset:
+        """Tensors for training or evaluation (augmentation only when ``train``)."""
+
+    # ---- model ------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self, cfg: Any) -> nn.Module:
+        """A fresh model; shapes depend on cfg only, never on one site's data."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean loss over the batch (Opacus expects mean reduction)."""
+
+    @abstractmethod
+    def predict(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, targets) for one batch, scores as probabilities."""
+
+    @abstractmethod
+    def metrics(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """Scalar metrics from all of a site's scores and targets."""
+
+    # ---- helpers shared by tasks --------------------------------------------------
+    def default(self, name: str) -> Any:
+        return self.defaults[name]
+
+    def shared_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters and buffers that are federated (everything not local)."""
+        return {k: v for k, v in model.state_dict().items()
+                if not k.startswith(self.local_prefixes or ("\0",))}
+
+    def local_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in model.state_dict().items()
+                if self.local_prefixes and k.startswith(self.local_prefixes)}

@@ -1,0 +1,1 @@
+"""Researchers' tools: in-process federations, partitions, experiment runners."""

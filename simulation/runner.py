@@ -1,0 +1,119 @@
+"""Run a whole federation in one process: the real ServerApp and ClientApp, N hospitals.
+
+Everything a run needs is validated before anything is written: the run config, every
+site's data file (errors name file, row and column) and the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from flwr.app import Context, Message, RecordDict
+
+from ..client.app import app as client_app
+from ..client.site import builtin_partition
+from ..server import events
+from ..server.app import app as server_app
+from ..server.rounds import default_out_dir
+from ..shared.config import RunConfig, SiteConfig
+from ..shared.errors import ConfigError, DataError
+from ..shared.registry import get_task
+from .grid import InProcessGrid
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Who takes part: one node config per virtual hospital."""
+
+    node_configs: dict[int, dict]
+
+    @property
+    def size(self) -> int:
+        return len(self.node_configs)
+
+
+def plan_federation(cfg: RunConfig, *, epsilon: float, delta: float, data: Sequence[Path] = (),
+                    strict: bool = False) -> Federation:
+    """Node configs for builtin partitions or one hospital per data file, validated."""
+    task = get_task(cfg.task)
+    resolved = cfg.resolved(task.defaults)
+    budget = {"epsilon": epsilon, "delta": delta}
+    SiteConfig.from_mapping(budget)
+    if data:
+        configs = {}
+        names: set[str] = set()
+        for i, path in enumerate(data):
+            path = Path(path)
+            task.read_file(path, resolved.dataset, strict=strict)  # raises DataError with file/row/column
+            name = path.stem if path.stem not in names else f"{path.stem}-{i}"
+            names.add(name)
+            configs[i + 1] = {"data": str(path.resolve()), "site": name, "strict": strict, **budget}
+        return Federation(configs)
+    if resolved.dataset not in task.datasets:
+        raise ConfigError(f"task {task.name}: unknown dataset '{resolved.dataset}' ({', '.join(task.datasets)})")
+    sites = builtin_partition(task.name, resolved.dataset, resolved.partition, resolved.num_sites,
+                              resolved.dirichlet_alpha, resolved.seed)
+    return Federation({i + 1: {"partition-id": i, "num-partitions": len(sites), **budget}
+                       for i in range(len(sites))})
+
+
+@contextmanager
+def observing(observer: events.Observer | None) -> Iterator[None]:
+    if observer is None:
+        yield
+        return
+    token = events.current.set(observer)
+    try:
+        yield
+    finally:
+        events.current.reset(token)
+
+
+def simulate(cfg: RunConfig, federation: Federation, *, out: Path | None = None,
+             observer: events.Observer | None = None,
+             unreachable: Callable[[int, Message], bool] | None = None,
+             tap: Callable[[Message], None] | None = None) -> Path:
+    """Run the federation in this process and return the finished run folder."""
+    out = Path(out) if out else default_out_dir(cfg)
+    if out.exists():
+        raise ConfigError(f"output folder {out} already exists")
+    run_cfg = cfg.replace(out_dir=str(out), min_sites=min(cfg.min_sites, federation.size))
+    mapping = run_cfg.to_mapping()
+    grid = InProcessGrid(client_app, federation.node_configs, mapping, unreachable=unreachable, tap=tap)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=mapping)
+    with observing(observer), _quiet_flower(), _server_identity(context.run_id):
+        server_app(grid, context)
+    return out
+
+
+@contextmanager
+def _server_identity(run_id: int) -> Iterator[None]:
+    """Identify this process as the ServerApp's task, as Flower's runtime does."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower logs every sampling step at INFO; a researcher wants the progress bar."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+__all__ = ["Federation", "plan_federation", "simulate", "DataError"]
