@@ -20,12 +20,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Arrays = dict[str, np.ndarray]
 
@@ -150,6 +153,16 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         """Scalar metrics from all of a site's scores and targets."""
+
+    # ---- applying a trained model to new inputs (fedcare predict) -----------------
+    def infer(self, model: nn.Module, prep: Arrays, cfg: Any, inputs: Sequence[str]) -> "pd.DataFrame":
+        """Predictions for new cases: one row per input, probabilities per class/label.
+
+        ``inputs`` are what the user gave on the command line: file or folder paths, or
+        (for tasks that accept them) literal values such as SMILES strings. Invalid
+        inputs raise DataError naming the file and row.
+        """
+        raise NotImplementedError(f"task {self.name} does not support prediction on new inputs")
 
     # ---- helpers shared by tasks --------------------------------------------------
     def default(self, name: str) -> Any:

@@ -1,0 +1,113 @@
+"""``fedcare simulate``: a whole federation in one process, for researchers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from ..shared.config import DEFAULT_SITE_DELTA, RunConfig
+from ..shared.errors import ConfigError
+
+app = typer.Typer(help="Simulate a federation of virtual hospitals in one process.",
+                  invoke_without_command=True, no_args_is_help=False)
+console = Console()
+
+
+def parse_epsilon(text: str) -> float:
+    if text.strip().lower() in ("inf", "infinity", "none"):
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--epsilon: expected a number or 'inf', got {text!r}") from None
+    if not value > 0:
+        raise ConfigError("--epsilon must be > 0 (or 'inf' for no DP)")
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as Flower's --run-config would type them."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        value = value.strip()
+        typed: Any = value
+        if value.lower() in ("true", "false"):
+            typed = value.lower() == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    typed = conv(value)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = typed
+    return out
+
+
+def build_config(**options: Any) -> RunConfig:
+    """Command-line options (None = not given) over RunConfig defaults, validated."""
+    mapping = RunConfig().to_mapping()
+    mapping.update(parse_overrides(options.pop("overrides") or []))
+    names = {"task": "task", "dataset": "dataset", "model": "model", "rounds": "num-rounds",
+             "strategy": "strategy", "seed": "seed", "partition": "partition", "sites": "num-sites",
+             "alpha": "dirichlet-alpha"}
+    for opt, key in names.items():
+        if options.get(opt) is not None:
+            mapping[key] = options[opt]
+    return RunConfig.from_mapping(mapping)
+
+
+@app.callback()
+def simulate(
+    ctx: typer.Context,
+    task: str = typer.Option("diagnosis", help="Registered task (see `fedcare simulate tasks`)."),
+    dataset: Optional[str] = typer.Option(None, help="Builtin dataset of the task (default: the task's first)."),
+    model: Optional[str] = typer.Option(None, help="Model kind (default: the task's first)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Federated rounds."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | median | trimmed-mean | krum"),
+    epsilon: str = typer.Option("1.0", help="Each hospital's ε budget for the run; 'inf' trains without DP."),
+    delta: float = typer.Option(DEFAULT_SITE_DELTA, help="Each hospital's δ."),
+    seed: Optional[int] = typer.Option(None, help="Seed for splits, partitions, initialisation and sampling."),
+    data: list[Path] = typer.Option([], "--data", help="A hospital's CSV/folder; give once per site."),
+    partition: Optional[str] = typer.Option(None, help="natural | iid | dirichlet"),
+    sites: Optional[int] = typer.Option(None, help="Number of virtual hospitals for iid/dirichlet."),
+    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (smaller = more skewed)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<task>-<time>)."),
+    strict: bool = typer.Option(False, help="Refuse a data file with any unreadable record."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder."),
+    overrides: list[str] = typer.Option([], "--set", help="Any run-config KEY=VALUE (e.g. --set lr=0.1)."),
+) -> None:
+    """Run a simulated federation (default: the four UCI heart-disease hospitals with DP, ε = 1)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .progress import RichProgress, summary_table
+    from .runner import plan_federation, simulate as run
+
+    cfg = build_config(task=task, dataset=dataset, model=model, rounds=rounds, strategy=strategy, seed=seed,
+                       partition=partition, sites=sites, alpha=alpha, overrides=overrides)
+    eps = parse_epsilon(epsilon)
+    federation = plan_federation(cfg, epsilon=eps, delta=delta, data=data, strict=strict)
+    observer = None if quiet else RichProgress()
+    folder = run(cfg, federation, out=out, observer=observer)
+    if quiet:
+        typer.echo(str(folder))
+        return
+    console.print(summary_table(folder))
+    console.print(f"Run folder: [bold]{folder}[/] (summary.json, metrics.csv, rounds.csv, model.pt, progress.png)")
+
+
+@app.command("tasks")
+def list_tasks() -> None:
+    """List registered tasks with their datasets and models."""
+    from ..shared.registry import get_task, task_names
+
+    for name in task_names():
+        t = get_task(name)
+        console.print(f"[bold]{name}[/]: datasets {', '.join(t.datasets)}; models {', '.join(t.models)}")
