@@ -82,7 +82,7 @@ class Table:
     cleaning: dict[str, int] = field(default_factory=dict)
 
 
-def read_csv(schema: Schema, path: Path) -> pd.DataFrame:
+def read_csv(schema: Schema, path: Path, *, require_label: bool = True) -> pd.DataFrame:
     """Read a hospital CSV as text so that every value can be checked and located."""
     path = Path(path)
     if not path.exists():
@@ -100,7 +100,7 @@ def read_csv(schema: Schema, path: Path) -> pd.DataFrame:
     frame.columns = [schema.aliases.get(c.strip(), c.strip()) for c in frame.columns]
     if len(frame) == 0:
         raise DataError("file has a header but no records", path=str(path))
-    if schema.label not in frame.columns:
+    if require_label and schema.label not in frame.columns:
         raise DataError(f"label column is missing (expected '{schema.label}')",
                         path=str(path), column=schema.label)
     missing = [c for c in schema.feature_names if c not in frame.columns]
@@ -130,6 +130,11 @@ def parse_frame(schema: Schema, frame: pd.DataFrame, source: str) -> tuple[np.nd
     return x, y_raw
 
 
+def parse_column(frame: pd.DataFrame, column: str, source: str) -> np.ndarray:
+    """One column as floats (NaN = missing); non-numeric text is an error at its row."""
+    return _numeric(frame[column], source, column)
+
+
 def _numeric(series: pd.Series, source: str, column: str) -> np.ndarray:
     text = series.astype(str).str.strip()
     is_missing = text.isin(MISSING_MARKERS)
@@ -141,7 +146,7 @@ def _numeric(series: pd.Series, source: str, column: str) -> np.ndarray:
     return values.to_numpy(dtype=np.float64)
 
 
-def clean(schema: Schema, x: np.ndarray, y_raw: np.ndarray) -> Table:
+def clean(schema: Schema, x: np.ndarray, y_raw: np.ndarray, *, dedupe: bool = True) -> Table:
     """Impossible values -> missing; exact duplicates removed; labels binarised."""
     x = x.copy()
     counts: dict[str, int] = {}
@@ -157,7 +162,7 @@ def clean(schema: Schema, x: np.ndarray, y_raw: np.ndarray) -> Table:
         v[impossible] = np.nan
     both = np.column_stack([x, y_raw])
     frame = pd.DataFrame(both)
-    dup = frame.duplicated().to_numpy()
+    dup = frame.duplicated().to_numpy() if dedupe else np.zeros(len(frame), dtype=bool)
     if dup.any():
         counts["duplicates_removed"] = int(dup.sum())
     keep = ~dup

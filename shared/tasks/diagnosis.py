@@ -214,6 +214,20 @@ class Diagnosis(Task):
     def metrics(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         return binary_metrics(scores, targets)
 
+    def infer(self, model: nn.Module, prep: dict[str, np.ndarray], cfg: Any, inputs: Sequence[str]) -> pd.DataFrame:
+        """Probability of disease for each record of each CSV (label column optional)."""
+        schema = schema_for(cfg.dataset)
+        frames = []
+        for path in inputs:
+            frame = tabular.read_csv(schema, Path(path), require_label=False)
+            x = np.column_stack([tabular.parse_column(frame, c.name, path) for c in schema.columns])
+            table = tabular.clean(schema, x, np.zeros(len(x)), dedupe=False)
+            with torch.no_grad():
+                prob = torch.sigmoid(model(torch.from_numpy(tabular.encode(schema, table.x, prep)))).numpy()
+            frames.append(pd.DataFrame({"file": str(path), "row": np.arange(2, len(x) + 2),
+                                        "p_positive": prob, "prediction": (prob >= 0.5).astype(int)}))
+        return pd.concat(frames, ignore_index=True)
+
 
 @lru_cache(maxsize=1)
 def _heart_records() -> tuple[tuple[str, Records, int, int], ...]:
