@@ -260,6 +260,7 @@ def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, An
         vals = [v[metric] for v in per_site.values() if isinstance(v.get(metric), float) and math.isfinite(v[metric])]
         if vals:
             summary[f"mean_site_{metric}"] = float(np.mean(vals))
+    summary.update(task.summarize(per_site))
     summary["missing_sites"] = sorted(s.name for s in sites.values() if s.missed and s.missed[-1] == cfg.num_rounds)
     eps = [s.epsilon for s in sites.values() if not math.isnan(s.epsilon)]
     summary["max_epsilon"] = max(eps) if eps else None

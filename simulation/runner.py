@@ -6,6 +6,7 @@ site's data file (errors name file, row and column) and the output folder.
 
 from __future__ import annotations
 
+import csv
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ class Federation:
     """Who takes part: one node config per virtual hospital."""
 
     node_configs: dict[int, dict]
+    #: (site, row or path, reason) of records skipped while reading hospitals' files.
+    skipped: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def size(self) -> int:
@@ -46,13 +49,15 @@ def plan_federation(cfg: RunConfig, *, epsilon: float, delta: float, data: Seque
     if data:
         configs = {}
         names: set[str] = set()
+        skipped: list[tuple[str, str, str]] = []
         for i, path in enumerate(data):
             path = Path(path)
-            task.read_file(path, resolved.dataset, strict=strict)  # raises DataError with file/row/column
+            records = task.read_file(path, resolved.dataset, strict=strict)  # DataError names file/row/column
             name = path.stem if path.stem not in names else f"{path.stem}-{i}"
             names.add(name)
+            skipped += [(name, where, why) for where, why in records.skipped]
             configs[i + 1] = {"data": str(path.resolve()), "site": name, "strict": strict, **budget}
-        return Federation(configs)
+        return Federation(configs, tuple(skipped))
     if resolved.dataset not in task.datasets:
         raise ConfigError(f"task {task.name}: unknown dataset '{resolved.dataset}' ({', '.join(task.datasets)})")
     sites = builtin_partition(task.name, resolved.dataset, resolved.partition, resolved.num_sites,
@@ -87,6 +92,11 @@ def simulate(cfg: RunConfig, federation: Federation, *, out: Path | None = None,
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=mapping)
     with observing(observer), _quiet_flower(), _server_identity(context.run_id):
         server_app(grid, context)
+    if federation.skipped:
+        with (out / "skipped.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["site", "record", "reason"])
+            writer.writerows(federation.skipped)
     return out
 
 

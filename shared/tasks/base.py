@@ -46,6 +46,10 @@ class Records:
     labels: np.ndarray
     groups: np.ndarray | None = None
     source: str = ""
+    #: Records left out as unreadable (without ``strict``): (row or path, reason) pairs.
+    #: Reasons name the problem, never a record's value; the simulator lists them in the
+    #: run folder as ``skipped.csv``.
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -153,6 +157,15 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         """Scalar metrics from all of a site's scores and targets."""
+
+    # ---- run-level summary -----------------------------------------------------------
+    def summarize(self, sites: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Extra top-level ``summary.json`` keys from the sites' final metrics.
+
+        The coordinator only sees each site's scalar metrics; a task that reports a
+        federation-level estimate (a pooled policy value, say) combines them here.
+        """
+        return {}
 
     # ---- applying a trained model to new inputs (fedcare predict) -----------------
     def infer(self, model: nn.Module, prep: Arrays, cfg: Any, inputs: Sequence[str]) -> "pd.DataFrame":
