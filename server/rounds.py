@@ -32,6 +32,7 @@ from ..shared.arrays import to_numpy, to_record
 from ..shared.config import RunConfig
 from ..shared.registry import get_task
 from . import events, results, validation
+from .aggregation import make_aggregator
 from .strategies import build_strategy
 
 log = logging.getLogger("fedcare.server")
@@ -155,15 +156,15 @@ def _unique(name: str, node: int, sites: dict[int, SiteStatus]) -> str:
 
 
 def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, folder, observer):
+    """Send the global model, validate each reply as it arrives, aggregate the accepted."""
     msgs = list(strategy.configure_train(rnd, to_record(global_arrays), ConfigRecord(), grid))
     sent = {m.metadata.dst_node_id for m in msgs}
     for m in msgs:
         m.content["preprocess"] = prep_record
-    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
-    accepted: list[Message] = []
+    aggregator = make_aggregator(strategy, rnd, global_arrays)
     rows: list[dict[str, Any]] = []
     answered = set()
-    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+    for msg in _in_node_order(grid.send_and_receive(msgs, timeout=cfg.round_timeout)):
         node = msg.metadata.src_node_id
         answered.add(node)
         site = sites.get(node)
@@ -175,26 +176,35 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
             rows.append({"round": rnd, "site": name, "node_id": node, "status": f"rejected: {verdict.reason}",
                          "phase": "train"})
             continue
-        accepted.append(msg)
         m = msg.content.metric_records["metrics"]
         eps = float(m.get("epsilon", -1.0))
         if eps >= 0:
             site.epsilon, site.delta = eps, float(m["delta"])
         site.num_train = int(m["num-examples"])
+        aggregator.add(msg)
     for node in sorted(sent - answered):
         if node in sites:
             sites[node].missed.append(rnd)
             observer.rejected(rnd, sites[node].name, "no reply before the round timeout")
     folder.append_metrics(rows)
-    if len(accepted) < min(cfg.min_sites, len(sites)):
+    if aggregator.count < min(cfg.min_sites, len(sites)):
         log.warning("round %d: %d accepted update(s) < min-sites %d; global model unchanged",
-                    rnd, len(accepted), cfg.min_sites)
+                    rnd, aggregator.count, cfg.min_sites)
         return global_arrays
-    aggregated, _ = strategy.aggregate_train(rnd, accepted)
-    if aggregated is None:
-        return global_arrays
-    new = to_numpy(aggregated)
-    return {k: new[k].astype(global_arrays[k].dtype, copy=False) for k in global_arrays}
+    new = aggregator.result()
+    return global_arrays if new is None else new
+
+
+def _in_node_order(replies):
+    """Replies sorted by node id (deterministic float sums) unless the grid streams them.
+
+    A grid that yields replies lazily (a generator) is consumed as it goes, so that a
+    thousand hospitals' updates are never held at once; the order is then the grid's own
+    (the in-process grid sends in node order).
+    """
+    if isinstance(replies, (list, tuple)):
+        return sorted(replies, key=lambda m: m.metadata.src_node_id)
+    return replies
 
 
 def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task, cfg, folder, observer):
