@@ -27,6 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 from ..shared.config import RunConfig
 from ..shared.tasks.base import Task
 
+# Opacus warns that its "secure RNG" (torchcsprng) is off; fedcare instead seeds the
+# noise generator from the OS CSPRNG (``noise_generator``), so the warning misleads.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+# Opacus' hooks on a first layer whose input needs no grad: expected, harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 
 def device() -> torch.device:
     """CUDA when present, else CPU."""
@@ -41,9 +47,13 @@ def noise_generator(reproducible: bool, seed: int, dev: torch.device) -> torch.G
 
 
 def steps_per_round(n: int, cfg: RunConfig) -> tuple[float, int]:
-    """(sample rate, local steps) of one round for a site with ``n`` training records."""
-    q = min(1.0, cfg.batch_size / max(n, 1))
-    return q, max(1, int(math.ceil(cfg.local_epochs / q)))
+    """(sample rate, local steps) of one round for a site with ``n`` training records.
+
+    The rate is Opacus' own for a Poisson loader built from a batch-size loader
+    (1 / number of batches), so calibration and accounting use the same q.
+    """
+    batches = max(1, math.ceil(n / cfg.batch_size))
+    return 1.0 / batches, max(1, int(math.ceil(cfg.local_epochs * batches)))
 
 
 @dataclass
@@ -83,7 +93,7 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
         engine = PrivacyEngine(accountant="rdp")
         loader = DataLoader(data, batch_size=cfg.batch_size, generator=sampler_gen)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure.*")
             run_model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=noise_multiplier, max_grad_norm=cfg.max_grad_norm,

@@ -41,7 +41,15 @@ _COMMANDS = ["fedcare.server.inference_cli", "fedcare.server.recommend_cli", "fe
              "fedcare.server.report_cli"]
 
 
+_attached = False
+
+
 def _attach() -> None:
+    """Add the role groups and top-level commands (once)."""
+    global _attached
+    if _attached:
+        return
+    _attached = True
     for module, attr, name in _GROUPS:
         try:
             sub = getattr(importlib.import_module(module), attr)

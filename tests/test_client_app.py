@@ -1,0 +1,164 @@
+"""The hospital's ClientApp, called with real Flower Messages and Contexts.
+
+Covers the privacy contract of issue 2: ε is cumulative and exact across rounds, a
+round that would exceed the budget is refused without training, the server cannot
+raise the budget, and error replies carry no data values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+
+from fedcare.client.app import PRIVACY_STATE, app as client_app
+from fedcare.client.privacy import ALPHAS
+from fedcare.shared import errors
+from fedcare.shared.arrays import to_numpy, to_record
+from fedcare.shared.config import RunConfig
+from fedcare.shared.registry import get_task
+
+from .conftest import small_config
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def _context(node_config: dict, run: RunConfig) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run.to_mapping())
+
+
+def _global_model(run: RunConfig) -> ArrayRecord:
+    task = get_task(run.task)
+    torch.manual_seed(0)
+    return to_record(task.shared_state(task.build_model(run.resolved(task.defaults))))
+
+
+def _ask(ctx: Context, mtype: str, content: dict) -> Message:
+    return client_app(Message(RecordDict(content), dst_node_id=ctx.node_id, message_type=mtype), ctx)
+
+
+def _prep(ctx: Context, run: RunConfig) -> ArrayRecord:
+    reply = _ask(ctx, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})})
+    assert not reply.has_error()
+    task = get_task(run.task)
+    prep = task.finalize_stats(to_numpy(reply.content["stats"]), run.resolved(task.defaults))
+    return to_record(prep)
+
+
+def _train(ctx, run, rnd, prep, extra_config=None):
+    config = {"server-round": rnd, **(extra_config or {})}
+    return _ask(ctx, MessageType.TRAIN, {"arrays": _global_model(run), "config": ConfigRecord(config),
+                                         "preprocess": prep})
+
+
+def test_stats_reply_holds_sums_not_rows(heart_csvs):
+    run = small_config()
+    ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0}, run)
+    reply = _ask(ctx, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})})
+    stats = to_numpy(reply.content["stats"])
+    assert set(stats) == {"count", "sum", "sumsq"}
+    assert all(v.ndim == 1 and len(v) == 13 for v in stats.values())
+    assert reply.content["site"]["name"] == heart_csvs[0].stem
+
+
+def test_epsilon_is_cumulative_and_matches_an_independent_accountant(heart_csvs):
+    run = small_config(num_rounds=3)
+    ctx = _context({"data": str(heart_csvs[0]), "epsilon": 2.0, "delta": 1e-5}, run)
+    prep = _prep(ctx, run)
+    reported = []
+    for rnd in (1, 2, 3):
+        reply = _train(ctx, run, rnd, prep)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        m = reply.content["metrics"]
+        reported.append((m["epsilon"], m["noise-multiplier"], m["steps"], m["num-examples"]))
+    eps = [r[0] for r in reported]
+    assert eps[0] < eps[1] < eps[2] <= 2.0
+    assert eps[2] > 0.99 * 2.0, "noise is calibrated so the whole run ends at its budget"
+    sigma, steps, n = reported[0][1], reported[0][2], reported[0][3]
+    q = 1 / math.ceil(n / run.resolved(get_task("diagnosis").defaults).batch_size)  # Opacus' Poisson rate
+    for r, e in enumerate(eps, start=1):
+        independent = RDPAccountant()
+        independent.history = [(sigma, q, steps * r)]
+        assert e == pytest.approx(independent.get_epsilon(1e-5, alphas=ALPHAS), rel=1e-9)
+
+
+def test_round_beyond_budget_is_refused_without_training(heart_csvs):
+    run = small_config(num_rounds=2)
+    ctx = _context({"data": str(heart_csvs[1]), "epsilon": 1.0}, run)
+    prep = _prep(ctx, run)
+    for rnd in (1, 2):
+        assert not _train(ctx, run, rnd, prep).has_error()
+    history_before = dict(ctx.state.config_records[PRIVACY_STATE])
+    reply = _train(ctx, run, 3, prep)  # the server asks for more rounds than planned
+    assert reply.has_error() and reply.error.code == errors.BUDGET_REFUSED
+    assert "epsilon" in reply.error.reason and "budget 1" in reply.error.reason
+    assert dict(ctx.state.config_records[PRIVACY_STATE]) == history_before
+
+
+def test_server_cannot_raise_the_budget(heart_csvs):
+    run = small_config()
+    ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0}, run)
+    prep = _prep(ctx, run)
+    reply = _train(ctx, run, 1, prep, extra_config={"epsilon": 100.0})
+    assert reply.has_error() and reply.error.code == errors.CONFIG_REJECTED
+    bad_run = dict(run.to_mapping(), epsilon=100.0)
+    ctx2 = Context(run_id=1, node_id=8, node_config={"data": str(heart_csvs[0]), "epsilon": 1.0},
+                   state=RecordDict(), run_config=bad_run)
+    reply = _ask(ctx2, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})})
+    assert reply.has_error() and reply.error.code == errors.CONFIG_REJECTED
+    ok = _train(ctx, run, 1, prep)
+    assert ok.content["metrics"]["epsilon"] <= 1.0
+
+
+def test_train_reply_matches_the_global_model(heart_csvs):
+    run = small_config()
+    ctx = _context({"data": str(heart_csvs[0]), "epsilon": "inf"}, run)
+    prep = _prep(ctx, run)
+    reply = _train(ctx, run, 1, prep)
+    sent = _global_model(run)
+    arrays = reply.content["arrays"]
+    assert set(arrays.keys()) == set(sent.keys())
+    assert all(arrays[k].shape == sent[k].shape for k in sent.keys())
+    assert any(not np.array_equal(arrays[k].numpy(), sent[k].numpy()) for k in sent.keys())
+    assert reply.content["metrics"]["epsilon"] == -1.0  # no DP: reported as "not accounted"
+
+
+def test_evaluate_reply_has_task_metrics(heart_csvs):
+    run = small_config()
+    ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0}, run)
+    prep = _prep(ctx, run)
+    reply = _ask(ctx, MessageType.EVALUATE, {"arrays": _global_model(run), "config": ConfigRecord({"server-round": 1}),
+                                             "preprocess": prep})
+    m = reply.content["metrics"]
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "num-examples", "loss"):
+        assert key in m
+    assert not reply.content.array_records
+
+
+def test_error_replies_carry_no_data_values(tmp_path, heart_csvs):
+    text = heart_csvs[0].read_text().splitlines()
+    secret = "731.25"
+    text[5] = text[5].replace(text[5].split(",")[0], "SECRET" + secret, 1)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(text) + "\n")
+    run = small_config()
+    ctx = _context({"data": str(bad), "epsilon": 1.0}, run)
+    reply = _ask(ctx, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})})
+    assert reply.has_error() and reply.error.code == errors.DATA_INVALID
+    assert secret not in reply.error.reason and "SECRET" not in reply.error.reason
+    assert reply.error.reason == errors.WIRE_REASONS[errors.DATA_INVALID]
+    assert not reply.has_content()
+
+
+def test_malformed_global_model_is_an_error_reply_not_a_crash(heart_csvs):
+    run = small_config()
+    ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0}, run)
+    prep = _prep(ctx, run)
+    bad = ArrayRecord({"weight": to_record({"x": np.zeros(3)})["x"]})
+    reply = _ask(ctx, MessageType.TRAIN, {"arrays": bad, "config": ConfigRecord({"server-round": 1}), "preprocess": prep})
+    assert reply.has_error() and reply.error.code in (errors.CONFIG_REJECTED, errors.INTERNAL_ERROR)
+    assert math.isfinite(reply.error.code)
