@@ -40,7 +40,7 @@ def test_invalid_values_are_rejected():
     with pytest.raises(ConfigError, match="strategy"):
         RunConfig.from_mapping({"strategy": "fedwhatever"})
     with pytest.raises(ConfigError, match="num-rounds"):
-        RunConfig.from_mapping({"num-rounds": 0})
+        RunConfig.from_mapping({"num-rounds": -1})
 
 
 def test_budget_is_not_a_run_config_key():

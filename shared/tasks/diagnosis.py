@@ -88,7 +88,14 @@ def schema_for(dataset: str) -> tabular.Schema:
 
 
 class MLP(nn.Module):
-    """Two hidden layers (64, 32) with ReLU and dropout, one logit out."""
+    """Two hidden layers (64, 32) with ReLU and dropout, one logit out.
+
+    ``site_bias`` is a per-hospital intercept (a centre effect, as in multi-centre
+    studies): it is trained with DP like every other parameter but never leaves the
+    hospital (``Diagnosis.local_prefixes``), so each site keeps its own base rate while
+    the shared weights are federated. It is a bias-free Linear on a constant input so
+    that Opacus computes its per-sample gradients.
+    """
 
     def __init__(self, in_dim: int, hidden: Sequence[int] = (64, 32), dropout: float = 0.1) -> None:
         super().__init__()
@@ -99,27 +106,34 @@ class MLP(nn.Module):
             prev = h
         layers.append(nn.Linear(prev, 1))
         self.net = nn.Sequential(*layers)
+        self.site_bias = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(self.site_bias.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        return (self.net(x) + self.site_bias(torch.ones_like(x[:, :1]))).squeeze(-1)
 
 
 @register
 class Diagnosis(Task):
     name = "diagnosis"
     datasets = ("heart", "breast-cancer")
-    models = ("mlp", "logreg")
+    models = ("logreg", "mlp")
+    #: Chosen by measurement on the heart federation (bench/heart.py, README): under DP
+    #: at ε = 1 the 4.4k-parameter MLP drowns in noise while logistic regression (37
+    #: parameters) keeps its accuracy; without DP both reach about 0.84.
     defaults = {
         "dataset": "heart",
-        "model": "mlp",
+        "model": "logreg",
+        "num_rounds": 5,
         "local_epochs": 1,
-        "batch_size": 16,
-        "lr": 0.05,
+        "batch_size": 32,
+        "lr": 0.2,
         "optimizer": "sgd",
         "weight_decay": 1e-4,
         "dropout": 0.1,
     }
     test_fraction = 0.34
+    local_prefixes = ("site_bias",)
 
     # ---- data -------------------------------------------------------------------
     def builtin_sites(self, dataset: str, seed: int) -> list[Site]:

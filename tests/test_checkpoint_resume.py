@@ -1,0 +1,147 @@
+"""A run killed after round k and resumed ends exactly where an uninterrupted run ends.
+
+The interrupted run is a real separate process killed with SIGKILL once its round-2
+checkpoint is on disk (it is held inside round 3, after round 3's rows were already
+written, so resuming must also cut those rows). FedAdam (server optimiser moments) and
+DP-SGD with reproducible noise: the final weights, the per-site ε and every metric row
+must equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedcare.server import checkpoint
+from fedcare.shared.config import RunConfig
+from fedcare.shared.errors import ConfigError
+from fedcare.simulation.runner import plan_federation, resume, simulate
+
+CONFIG = {"dataset": "breast-cancer", "partition": "iid", "num-sites": 2, "num-rounds": 4,
+          "strategy": "fedadam", "reproducible-noise": True, "seed": 3}
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from fedcare.server.events import Observer
+    from fedcare.shared.config import RunConfig
+    from fedcare.simulation.runner import plan_federation, simulate
+
+    class HoldInRoundThree(Observer):
+        def round_done(self, rnd, *args, **kwargs):
+            if rnd == 3:
+                time.sleep(600)  # the test kills the process here
+
+    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), **%r})
+    simulate(cfg, plan_federation(cfg, epsilon=1.0, delta=1e-5), out=Path(sys.argv[1]),
+             observer=HoldInRoundThree())
+""") % (CONFIG,)
+
+
+def _config() -> RunConfig:
+    return RunConfig.from_mapping({**RunConfig().to_mapping(), **CONFIG})
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _kill_after_round_two(tmp_path: Path) -> Path:
+    out = tmp_path / "killed"
+    partial = out.with_name("killed.partial")
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            ckpt = partial / checkpoint.FILE
+            if ckpt.exists():
+                try:
+                    if checkpoint.load(ckpt).round == 2:
+                        rounds = _rows(partial / "rounds.csv")
+                        if rounds and rounds[-1]["round"] == "3":
+                            break
+                except ConfigError:
+                    pass  # caught between write and rename: try again
+            assert time.monotonic() < deadline, "the run never reached round 3"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    return partial
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    partial = _kill_after_round_two(tmp_path)
+    assert not (tmp_path / "killed").exists()
+    assert _rows(partial / "rounds.csv")[-1]["round"] == "3"  # rows past the checkpoint exist...
+
+    cfg = _config()
+    reference = simulate(cfg, plan_federation(cfg, epsilon=1.0, delta=1e-5), out=tmp_path / "reference")
+    resumed = resume(partial)
+
+    assert resumed == tmp_path / "killed" and not partial.exists()
+    ref_w = torch.load(reference / "model.pt", weights_only=True)
+    res_w = torch.load(resumed / "model.pt", weights_only=True)
+    assert ref_w.keys() == res_w.keys()
+    for k in ref_w:
+        assert torch.equal(ref_w[k], res_w[k]), k
+
+    ref, res = (json.loads((f / "summary.json").read_text()) for f in (reference, resumed))
+    for name in ref["sites"]:
+        # ε continued from the restored accountant history instead of restarting at zero.
+        assert res["sites"][name]["epsilon"] == pytest.approx(ref["sites"][name]["epsilon"], rel=0, abs=0)
+        assert res["sites"][name]["accuracy"] == ref["sites"][name]["accuracy"]
+    assert 0.9 < ref["max_epsilon"] <= 1.0
+
+    # ...and were cut back: every round appears once, identical to the reference.
+    assert [r["round"] for r in _rows(resumed / "rounds.csv")] == ["1", "2", "3", "4"]
+    drop = {"node_id"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
+    assert strip(_rows(resumed / "metrics.csv")) == strip(_rows(reference / "metrics.csv"))
+    assert not (resumed / checkpoint.FILE).exists()
+
+
+def test_checkpoint_round_trips_strategy_state_and_rng(tmp_path):
+    import random
+
+    state = {"m_t": {"w": np.arange(3.0)}, "v_t": {"w": np.ones(3)}}
+    rnd_state, torch_rng = checkpoint.capture_rng()
+    ckpt = checkpoint.Checkpoint(round=5, config={"seed": 1}, global_arrays={"w": np.ones((2, 2), np.float32)},
+                                 prep={"mean": np.zeros(3)}, strategy_state=state,
+                                 node_states={7: b"\x00\x01state"}, random_state=rnd_state, torch_rng=torch_rng)
+    checkpoint.save(tmp_path, ckpt)
+    expected = random.random()
+    back = checkpoint.load(tmp_path / checkpoint.FILE)
+    checkpoint.restore_rng(back)
+    assert random.random() == expected
+    assert back.round == 5 and back.node_states == {7: b"\x00\x01state"}
+    assert np.array_equal(back.strategy_state["m_t"]["w"], np.arange(3.0))
+    assert back.global_arrays["w"].dtype == np.float32
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    with pytest.raises(ConfigError, match="no interrupted run"):
+        checkpoint.locate(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="differs"):
+        checkpoint.check_compatible({"num-rounds": 4, "seed": 1}, {"num-rounds": 5, "seed": 1}, tmp_path)
+    checkpoint.check_compatible({"num-rounds": 4, "resume": ""}, {"num-rounds": 4, "resume": "x"}, tmp_path)
