@@ -23,6 +23,7 @@ from fedcare.simulation.runner import plan_federation, simulate
 
 def mean_site_accuracy(epsilon: float, seed: int, rounds: int, overrides: dict) -> float:
     cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": rounds, "seed": seed, **overrides})
+    # rounds == 0 means the task's default
     fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
     with tempfile.TemporaryDirectory() as tmp:
         out = simulate(cfg, fed, out=Path(tmp) / "run")
