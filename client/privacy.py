@@ -14,9 +14,13 @@ it within budget and refuses otherwise.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass, field
 
+import numpy as np
+from scipy.special import gammaln
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as privacy_analysis
 
 History = list[tuple[float, float, int]]
 
@@ -31,38 +35,98 @@ _CALIBRATION_TARGET = 0.999
 
 
 def epsilon(history: History, delta: float) -> float:
-    """ε of the composed history at δ (RDP accountant, Opacus' default orders)."""
+    """ε of the composed history at δ (RDP accountant over ``ALPHAS``).
+
+    Bit-for-bit what ``RDPAccountant.get_epsilon(delta, alphas=ALPHAS)`` returns for the
+    same history (the same per-entry ``rdp * steps`` summed in the same order), but the
+    per-step RDP vector of each (σ, q) is computed once per process: it costs ~0.3 s or
+    more, and a run asks for it every round, at every site, and ~20 times while
+    calibrating the noise (a thousand simulated sites of one size share it).
+    """
     if not history:
         return 0.0
-    acc = RDPAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta, alphas=ALPHAS))
+    rdp = sum([_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history])
+    eps, _ = privacy_analysis.get_privacy_spent(orders=ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=4096)
+def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
+    rdp = np.asarray(privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=ALPHAS))
+    rdp.flags.writeable = False
+    return rdp
 
 
 def calibrate_noise(prior: History, sample_rate: float, steps: int, target_epsilon: float,
                     delta: float) -> float:
-    """Smallest noise multiplier whose ``steps`` on top of ``prior`` stay within target."""
+    """Smallest noise multiplier whose ``steps`` on top of ``prior`` stay within target.
+
+    The search runs on the integer RDP orders only (``_epsilon_integer_orders``, exact
+    and vectorised, milliseconds per evaluation) instead of Opacus' full order set,
+    whose fractional orders cost up to half a second per noise level tried. Dropping
+    orders can only raise the bound (ε is a minimum over orders), so the σ found is
+    safe for the exact accountant too; the result is then checked with ``epsilon``
+    itself, which is what the site reports. On the regimes tried the two σ agree within
+    0.6 %.
+    """
     goal = target_epsilon * _CALIBRATION_TARGET
     if epsilon(prior, delta) >= goal:
         raise ValueError("budget already spent")
+    prior_rdp = sum((_rdp_integer_orders(float(s), float(q)) * int(n) for s, q, n in prior),
+                    np.zeros(len(_INTEGER_ORDERS)))
 
     def eps_at(sigma: float) -> float:
-        return epsilon(prior + [(sigma, sample_rate, steps)], delta)
+        rdp = prior_rdp + _rdp_integer_orders(sigma, sample_rate) * steps
+        return float(privacy_analysis.get_privacy_spent(orders=list(_INTEGER_ORDERS), rdp=rdp, delta=delta)[0])
 
     lo, hi = 0.0, 1.0
     while eps_at(hi) > goal:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError("no noise multiplier reaches the budget")
-    for _ in range(60):
+    while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
         if eps_at(mid) > goal:
             lo = mid
         else:
             hi = mid
-        if hi - lo < 1e-4 * hi:
-            break
+    while epsilon(prior + [(hi, sample_rate, steps)], delta) > goal:  # never expected; kept exact
+        hi *= 1.001
     return hi
+
+
+_INTEGER_ORDERS = np.array([a for a in ALPHAS if float(a).is_integer()], dtype=float)
+
+
+def _rdp_integer_orders(sigma: float, q: float) -> np.ndarray:
+    """Per-step RDP of the Poisson-subsampled Gaussian mechanism at integer orders.
+
+    The closed form Opacus evaluates term by term (Mironov, Talwar, Zhang 2019, Sec. 3.3):
+    A_a = sum_i C(a, i) q^i (1-q)^(a-i) exp((i^2 - i) / (2 sigma^2)), RDP = log(A_a) / (a-1),
+    here as one log-sum-exp over a matrix whose σ-free part is cached per q.
+    """
+    if q >= 1.0:
+        return _INTEGER_ORDERS / (2 * sigma ** 2)
+    base, quad = _binomial_terms(q)
+    terms = base + quad / (sigma ** 2)
+    top = terms.max(axis=1, keepdims=True)
+    log_a = np.log(np.exp(terms - top).sum(axis=1)) + top[:, 0]
+    return log_a / (_INTEGER_ORDERS - 1)
+
+
+@lru_cache(maxsize=256)
+def _binomial_terms(q: float) -> tuple[np.ndarray, np.ndarray]:
+    """log C(a, i) + i log q + (a - i) log(1 - q) for every integer order a (rows), i <= a."""
+    orders = _INTEGER_ORDERS.astype(int)
+    i = np.arange(orders.max() + 1)
+    a = orders[:, None]
+    with np.errstate(invalid="ignore"):
+        base = (gammaln(a + 1) - gammaln(i + 1) - gammaln(np.maximum(a - i, 0) + 1)
+                + i * math.log(q) + (a - i) * math.log1p(-q))
+    base = np.where(i[None, :] <= a, base, -np.inf)
+    quad = (i * i - i) / 2.0
+    base.flags.writeable = False
+    return base, quad
 
 
 @dataclass

@@ -19,6 +19,9 @@ def split_indices(records: Records, test_fraction: float, seed: int) -> tuple[np
     """Stratified (or grouped) split of one site's records into train and test."""
     n = len(records)
     rng = np.random.default_rng(seed)
+    if records.test_mask is not None:
+        mask = np.asarray(records.test_mask, dtype=bool)
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
     if n < 2:
         return np.arange(n), np.arange(0)
     if records.groups is not None:
@@ -50,7 +53,7 @@ def split_indices(records: Records, test_fraction: float, seed: int) -> tuple[np
 
 
 def split_site(task: Task, name: str, records: Records, test_fraction: float, seed: int) -> Site:
-    train_idx, test_idx = split_indices(records, test_fraction, seed)
+    train_idx, test_idx = task.split(records, test_fraction, seed)
     return Site(name=name, train=task.take(records, train_idx), test=task.take(records, test_idx))
 
 
@@ -107,4 +110,10 @@ def _follow_label_mix(test_labels: np.ndarray, train_label_sets: list[np.ndarray
         cuts = (np.cumsum(weights / weights.sum()) * len(idx)).astype(int)[:-1]
         for site, chunk in enumerate(np.split(idx, cuts)):
             out[site].extend(chunk.tolist())
+    # Every site evaluates: one with no test record borrows one from the largest.
+    for site in range(len(out)):
+        if not out[site]:
+            donor = max(range(len(out)), key=lambda i: len(out[i]))
+            if len(out[donor]) > 1:
+                out[site].append(out[donor].pop())
     return [np.sort(np.asarray(o, dtype=int)) for o in out]

@@ -56,8 +56,8 @@ def summary_table(folder: Path) -> Table:
     """Per-site test metrics and ε spent, from a finished run's summary.json."""
     summary = json.loads((Path(folder) / "summary.json").read_text())
     main = summary.get("main_metric", "accuracy")
-    first = next(iter(summary["sites"].values()), {})
-    metrics = [m for m in ("accuracy", "precision", "recall", "f1", "roc_auc") if m in first]
+    present = set().union(*(site.keys() for site in summary["sites"].values())) if summary["sites"] else set()
+    metrics = [m for m in ("accuracy", "precision", "recall", "f1", "roc_auc") if m in present]
     if main not in metrics:
         metrics.insert(0, main)
     table = Table(title=f"{summary['task']} · {summary['strategy']} · {summary['rounds']} rounds · test metrics per site")
