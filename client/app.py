@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -29,7 +30,8 @@ from ..shared.config import RunConfig, SiteConfig
 from ..shared.errors import BudgetExceeded, ConfigError, DataError
 from ..shared.registry import get_task
 from ..shared.tasks.base import Site, Task
-from . import privacy, training
+from . import ledger as ledger_mod
+from . import privacy, training, updates
 from .site import load_site, prepared
 
 log = logging.getLogger("fedcare.client")
@@ -101,6 +103,9 @@ def _guarded(handler: Callable[[_Job], RecordDict]) -> Callable[[Message, Contex
             log.warning("refused: %s", exc)
             return Message(Error(errors.BUDGET_REFUSED, f"{errors.WIRE_REASONS[errors.BUDGET_REFUSED]}: {exc}"),
                            reply_to=msg)
+        except ledger_mod.LedgerTampered as exc:
+            log.error("privacy ledger failed verification: %s", exc)
+            return Message(Error(errors.LEDGER_INVALID, errors.WIRE_REASONS[errors.LEDGER_INVALID]), reply_to=msg)
         except ConfigError as exc:
             log.warning("config rejected: %s", exc)
             return Message(Error(errors.CONFIG_REJECTED, errors.WIRE_REASONS[errors.CONFIG_REJECTED]),
@@ -139,9 +144,11 @@ def train(job: _Job) -> RecordDict:
     state = _privacy_state(job, len(data))
 
     sigma = state.noise_multiplier if state is not None else None
+    prior = _prior(job)
     if state is not None:
         _, steps = training.steps_per_round(len(data), job.cfg)
-        over, eps_after = privacy.round_would_exceed([], state, steps, job.site_cfg.epsilon, job.site_cfg.delta)
+        over, eps_after = privacy.round_would_exceed(prior.history, state, steps, job.site_cfg.epsilon,
+                                                     job.site_cfg.delta)
         if over:
             raise BudgetExceeded(
                 f"round {round_} would reach epsilon={eps_after:.4f} > budget {job.site_cfg.epsilon:g} "
@@ -154,13 +161,17 @@ def train(job: _Job) -> RecordDict:
     if state is not None:
         state.history.extend(outcome.history)
         job.context.state.config_records[PRIVACY_STATE] = ConfigRecord(state.to_record())
-        eps = privacy.epsilon(state.history, job.site_cfg.delta)
+        eps = privacy.epsilon(prior.history + state.history, job.site_cfg.delta)
+        prior.record(job, round_, outcome.history, eps)  # written before the update leaves the site
     local = job.task.local_state(model)
     if local:
         job.context.state.array_records[LOCAL_STATE] = to_record(local)
 
+    shared = {k: v.detach().cpu().numpy() for k, v in job.task.shared_state(model).items()}
+    name, update = updates.outgoing(job.msg, job.context, job.cfg, shared, to_numpy(job.msg.content["arrays"]),
+                                    len(data))
     return RecordDict({
-        "arrays": to_record(job.task.shared_state(model)),
+        name: update,
         "metrics": MetricRecord({
             "num-examples": len(data),
             "train-loss": outcome.loss,
@@ -195,13 +206,66 @@ def _privacy_state(job: _Job, n_train: int) -> privacy.PrivacyState | None:
         return privacy.PrivacyState.from_record(dict(records[PRIVACY_STATE]))
     q, steps = training.steps_per_round(n_train, job.cfg)
     planned = steps * job.cfg.num_rounds
+    prior = _prior(job).history
     try:
-        sigma = privacy.calibrate_noise([], q, planned, job.site_cfg.epsilon, job.site_cfg.delta)
+        sigma = privacy.calibrate_noise(prior, q, planned, job.site_cfg.epsilon, job.site_cfg.delta)
     except ValueError:
-        raise BudgetExceeded(f"no noise level keeps {planned} steps within epsilon={job.site_cfg.epsilon:g}") from None
+        spent = privacy.epsilon(prior, job.site_cfg.delta)
+        raise BudgetExceeded(f"spent epsilon={spent:.4f} of budget {job.site_cfg.epsilon:g} at "
+                             f"delta={job.site_cfg.delta:g}; no noise level keeps {planned} more steps "
+                             f"within it") from None
+    if sigma > job.site_cfg.max_noise:
+        spent = privacy.epsilon(prior, job.site_cfg.delta)
+        raise BudgetExceeded(f"spent epsilon={spent:.4f} of budget {job.site_cfg.epsilon:g} at "
+                             f"delta={job.site_cfg.delta:g}; {planned} more steps would need noise multiplier "
+                             f"{sigma:.1f} > the site's max-noise {job.site_cfg.max_noise:g}")
     state = privacy.PrivacyState(noise_multiplier=sigma, sample_rate=q, planned_steps=planned)
     records[PRIVACY_STATE] = ConfigRecord(state.to_record())
     return state
+
+
+class _Prior:
+    """What this data set released before this run (from the ledger), and how to record more."""
+
+    def __init__(self, job: _Job) -> None:
+        self.directory = ledger_mod.directory_for(job.site_cfg) if job.site_cfg.private else None
+        self.history: privacy.History = []
+        if self.directory is None:
+            return
+        self.key, self.label = ledger_mod.dataset_identity(job.site_cfg, job.cfg, job.site.name)
+        self.run = _run_tag(job.context)
+        self.history = ledger_mod.Ledger(self.directory).verify(self.key).history(exclude_run=self.run)
+
+    def record(self, job: _Job, round_: int, history: privacy.History, eps: float) -> None:
+        if self.directory is None:
+            return
+        ledger_mod.Ledger(self.directory).append(self.key, self.label, {
+            "run": self.run, "flower_run_id": int(job.context.run_id), "round": round_,
+            "task": job.cfg.task, "model": job.cfg.model, "rounds": job.cfg.num_rounds,
+            "sample_rate": history[0][1] if history else 0.0,
+            "noise_multiplier": history[0][0] if history else 0.0,
+            "steps": sum(int(h[2]) for h in history),
+            "history": [[float(s), float(q), int(n)] for s, q, n in history],
+            "epsilon": eps, "delta": job.site_cfg.delta,
+            "budget_epsilon": job.site_cfg.epsilon,
+        })
+
+
+def _prior(job: _Job) -> _Prior:
+    return _Prior(job)
+
+
+def _run_tag(context: Context) -> str:
+    """A random id for this run at this site, kept in Context.state for the run's rounds.
+
+    Ledger entries of this run are the run's own history (already in PrivacyState); all
+    others are prior. A run whose state is lost (a restarted SuperNode) gets a new tag,
+    so its earlier rounds then count as prior: conservative, never under-counted.
+    """
+    records = context.state.config_records
+    if "fedcare.ledger" not in records:
+        records["fedcare.ledger"] = ConfigRecord({"run": os.urandom(12).hex()})
+    return str(records["fedcare.ledger"]["run"])
 
 
 def _spent(job: _Job) -> float:
@@ -216,3 +280,6 @@ def _spent(job: _Job) -> float:
 
 def _stable_hash(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 1_000_003
+
+
+from . import secagg_client as _secagg_handlers  # noqa: E402,F401 - registers train.secagg_* handlers

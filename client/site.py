@@ -8,6 +8,7 @@ through the task's declared schema) or, in simulation, ``partition-id`` /
 from __future__ import annotations
 
 import hashlib
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,18 +19,29 @@ from ..shared.config import RunConfig, SiteConfig
 from ..shared.errors import ConfigError
 from ..shared.registry import get_task
 from ..shared.splits import partition_sites, split_site
-from ..shared.tasks.base import Site, Task
+from ..shared.tasks.base import Records, Site, Task
+
+
+log = logging.getLogger("fedcare.client")
 
 
 def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
     """The hospital's train/test records for this run."""
     if site_cfg.data:
         path = Path(site_cfg.data).expanduser()
-        stamp = path.stat().st_mtime_ns if path.exists() else 0
+        stamp = file_stamp(path)
         site = _file_site(task.name, cfg.dataset, str(path), stamp, site_cfg.strict, cfg.seed)
     elif site_cfg.partition_id is not None:
         sites = builtin_partition(task.name, cfg.dataset, cfg.partition, cfg.num_sites,
                                   cfg.dirichlet_alpha, cfg.seed)
+        if (cfg.partition == "natural" and site_cfg.num_partitions is not None
+                and site_cfg.num_partitions != len(sites)):
+            # Flower's simulation engine decides how many virtual hospitals there are;
+            # when that is not the dataset's own number, deal the pool IID instead.
+            log.warning("%d virtual hospitals for %d natural sites: partitioning IID",
+                        site_cfg.num_partitions, len(sites))
+            sites = builtin_partition(task.name, cfg.dataset, "iid", site_cfg.num_partitions,
+                                      cfg.dirichlet_alpha, cfg.seed)
         if site_cfg.num_partitions is not None and site_cfg.num_partitions != len(sites):
             raise ConfigError(
                 f"{site_cfg.num_partitions} virtual hospitals but dataset '{cfg.dataset}' with "
@@ -54,10 +66,20 @@ def builtin_partition(task_name: str, dataset: str, scheme: str, num_sites: int,
     return tuple(partition_sites(task, sites, scheme, num_sites, alpha, seed))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=4096)  # one per simulated hospital: re-reading files per message costs more than training
+def file_records(task_name: str, dataset: str, path: str, stamp: int, strict: bool) -> Records:
+    """A hospital file's records, read once per process (the simulator validates with it too)."""
+    return get_task(task_name).read_file(Path(path), dataset, strict=strict)
+
+
+def file_stamp(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
+@lru_cache(maxsize=4096)
 def _file_site(task_name: str, dataset: str, path: str, stamp: int, strict: bool, seed: int) -> Site:
     task = get_task(task_name)
-    records = task.read_file(Path(path), dataset, strict=strict)
+    records = file_records(task_name, dataset, path, stamp, strict)
     return split_site(task, Path(path).stem, records, task.test_fraction, seed)
 
 

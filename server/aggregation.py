@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from ..shared.arrays import to_numpy
@@ -68,12 +68,21 @@ class StrategyAggregator:
         return len(self._replies)
 
     def add(self, msg: Message) -> None:
+        # Flower's rules pair arrays by position: put them in the global model's order,
+        # whatever order the site sent them in (names were validated, order was not).
+        arrays = msg.content.array_records["arrays"]
+        msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in self._reference})
         self._replies.append(msg)
 
     def result(self) -> dict[str, np.ndarray] | None:
         if not self._replies:
             return None
-        arrays, _ = self._strategy.aggregate_train(self._round, self._replies)
+        from .central_dp import _Exact
+
+        if isinstance(self._strategy, _Exact):
+            arrays, _ = self._strategy.aggregate_accepted(self._round, self._replies)
+        else:
+            arrays, _ = self._strategy.aggregate_train(self._round, self._replies)
         if arrays is None:
             return None
         out = to_numpy(arrays)

@@ -71,6 +71,17 @@ class RunFolder:
         if not rows:
             return
         path = self.file("metrics.csv")
+        if self._metric_keys is None and path.exists():
+            with path.open(newline="") as fh:
+                self._metric_keys = next(csv.reader(fh), None)
+        if self._metric_keys is not None and all(k in self._metric_keys for row in rows for k in row):
+            # Same columns as the file: append in place, so a round costs O(its rows), not
+            # O(the whole history) (a thousand sites write thousands of rows a round).
+            with path.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self._metric_keys, extrasaction="ignore")
+                for row in rows:
+                    writer.writerow({k: _fmt(row.get(k)) for k in self._metric_keys})
+            return
         existing: list[dict[str, Any]] = []
         if path.exists():
             with path.open(newline="") as fh:
@@ -87,6 +98,25 @@ class RunFolder:
             for row in existing + rows:
                 writer.writerow({k: _fmt(row.get(k)) for k in keys})
         os.replace(tmp, path)
+        self._metric_keys = keys
+
+    def truncate(self, last_round: int) -> None:
+        """Drop rows of rounds after ``last_round`` (written after the last checkpoint)."""
+        for name in ("metrics.csv", "rounds.csv"):
+            path = self.file(name)
+            if not path.exists():
+                continue
+            with path.open(newline="") as fh:
+                reader = csv.DictReader(fh)
+                keys = list(reader.fieldnames or [])
+                kept = [r for r in reader if _round_of(r) <= last_round]
+            tmp = path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(tmp, path)
+        self._metric_keys = None
 
     def append_round(self, row: Mapping[str, Any]) -> None:
         path = self.file("rounds.csv")
@@ -121,6 +151,14 @@ class RunFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def _round_of(row: Mapping[str, Any]) -> float:
+    """A row's round; a line cut short by a kill mid-write counts as after everything."""
+    try:
+        return int(row["round"]) if None not in row.values() else math.inf
+    except (TypeError, ValueError):
+        return math.inf
+
+
 def _fmt(value: Any) -> Any:
     if value is None:
         return ""
@@ -129,6 +167,23 @@ def _fmt(value: Any) -> Any:
             return ""
         return f"{value:.6g}"
     return value
+
+
+#: Beyond this many sites the plot shows their median and 10-90 % band, not one line each.
+MAX_PLOTTED_SITES = 12
+
+
+def _plot_spread(ax, rows: list[dict[str, str]], column: str) -> None:
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get(column) not in (None, "") and r.get("phase", "evaluate") == "evaluate":
+            by_round.setdefault(int(r["round"]), []).append(float(r[column]))
+    if not by_round:
+        return
+    rounds = sorted(by_round)
+    q = np.array([np.nanpercentile(by_round[k], [10, 50, 90]) for k in rounds])
+    ax.fill_between(rounds, q[:, 0], q[:, 2], alpha=0.25, label="sites, 10-90 %")
+    ax.plot(rounds, q[:, 1], marker="o", ms=3, label="sites, median")
 
 
 def plot_progress(folder: Path, metric: str) -> Path:
@@ -144,6 +199,10 @@ def plot_progress(folder: Path, metric: str) -> Path:
         rounds = list(csv.DictReader(fh))
     sites = sorted({r["site"] for r in rows})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if len(sites) > MAX_PLOTTED_SITES:
+        _plot_spread(ax1, rows, metric)
+        _plot_spread(ax2, rows, "epsilon")
+        sites = []
     for site in sites:
         pts = [(int(r["round"]), float(r[metric])) for r in rows if r["site"] == site and r.get(metric)]
         if pts:

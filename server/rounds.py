@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from ..shared.arrays import to_numpy, to_record
 from ..shared.config import RunConfig
 from ..shared.registry import get_task
-from . import events, results, validation
+from . import central_dp, checkpoint, events, export, report, results, secagg_round, validation
 from .aggregation import make_aggregator
 from .strategies import build_strategy
 
@@ -60,7 +60,11 @@ def default_out_dir(cfg: RunConfig) -> Path:
 
 
 def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> Path:
-    """Run all rounds on ``grid`` and return the finished run folder."""
+    """Run all rounds on ``grid`` and return the finished run folder.
+
+    With ``resume`` set, continue the interrupted run in that folder from its last
+    checkpoint instead of starting over (see ``checkpoint``).
+    """
     task = get_task(raw_cfg.task)
     cfg = raw_cfg.resolved(task.defaults)
     observer = events.current.get()
@@ -69,29 +73,89 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
     model = task.build_model(cfg)
     global_arrays = {k: v.detach().cpu().numpy().copy() for k, v in task.shared_state(model).items()}
 
-    folder = results.RunFolder(out or default_out_dir(cfg))
+    saved = None
+    if cfg.resume:
+        partial = checkpoint.locate(cfg.resume)
+        saved = checkpoint.load(partial / checkpoint.FILE)
+        checkpoint.check_compatible(saved.config, cfg.to_mapping(), partial)
+        out = checkpoint.final_name(partial)
+    folder = results.RunFolder(out or default_out_dir(cfg), resume=saved is not None)
     try:
         folder.write_config(cfg.to_mapping())
         nodes = _wait_for_nodes(grid, cfg)
         sites, prep = _preprocessing_round(grid, nodes, task, cfg)
+        first = 1
+        if saved is not None:
+            first = saved.round + 1
+            prep = saved.prep
+            global_arrays = saved.global_arrays
+            _restore_sites(sites, saved.sites)
+            folder.truncate(saved.round)
         observer.started(cfg.num_rounds, {n: s.name for n, s in sites.items()}, cfg.to_mapping())
         prep_record = to_record(prep)
         strategy = build_strategy(cfg, len(nodes))
-        for rnd in range(1, cfg.num_rounds + 1):
+        if saved is not None:
+            checkpoint.restore_strategy(strategy, saved.strategy_state)
+            checkpoint.restore_rng(saved)
+            if saved.node_states and hasattr(grid, "restore_node_states"):
+                grid.restore_node_states(saved.node_states)
+            observer.round_done(saved.round, cfg.num_rounds, task.main_metric,
+                                math.nan if saved.last_metric is None else saved.last_metric,
+                                _max_epsilon(sites), [])
+        for rnd in range(first, cfg.num_rounds + 1):
             global_arrays = _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg,
                                          folder, observer)
-            _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task, cfg, folder,
-                            observer)
+            metric = _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task, cfg, folder,
+                                     observer)
+            _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric)
         summary = _summary(task, cfg, sites)
+        summary.update(central_dp.report(strategy, cfg))
         folder.write_summary(summary)
         folder.save_model(global_arrays, prep)
         results.plot_progress(folder.path, task.main_metric)
+        export.write_all(folder.path, task, cfg, summary)
+        report.write_report(folder.path)
+        folder.file(checkpoint.FILE).unlink(missing_ok=True)
         final = folder.finish()
     except BaseException:
-        folder.discard()
+        if folder.file(checkpoint.FILE).exists():
+            log.warning("run interrupted; resume it with --resume %s", folder.path)
+        else:
+            folder.discard()
         raise
     observer.finished(str(final), summary)
     return final
+
+
+def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric) -> None:
+    random_state, torch_rng = checkpoint.capture_rng()
+    node_states = grid.node_states() if hasattr(grid, "node_states") else {}
+    checkpoint.save(folder.path, checkpoint.Checkpoint(
+        round=rnd, config=cfg.to_mapping(), global_arrays=global_arrays, prep=prep,
+        strategy_state=checkpoint.strategy_state(strategy),
+        sites={s.name: {"epsilon": s.epsilon, "delta": s.delta, "last_eval": s.last_eval,
+                        "last_eval_round": s.last_eval_round, "missed": s.missed,
+                        "num_train": s.num_train, "num_test": s.num_test} for s in sites.values()},
+        node_states=node_states, random_state=random_state, torch_rng=torch_rng,
+        last_metric=metric if metric is not None and math.isfinite(metric) else None))
+
+
+def _restore_sites(sites: dict[int, "SiteStatus"], saved: dict[str, dict[str, Any]]) -> None:
+    for site in sites.values():
+        s = saved.get(site.name)
+        if s is None:
+            continue
+        site.epsilon = math.nan if s["epsilon"] is None else float(s["epsilon"])
+        site.delta = math.nan if s["delta"] is None else float(s["delta"])
+        site.last_eval = {k: (math.nan if v is None else float(v)) for k, v in s["last_eval"].items()}
+        site.last_eval_round = int(s["last_eval_round"])
+        site.missed = [int(r) for r in s["missed"]]
+        site.num_train, site.num_test = int(s["num_train"]), int(s["num_test"])
+
+
+def _max_epsilon(sites: dict[int, "SiteStatus"]) -> float:
+    eps = [s.epsilon for s in sites.values() if not math.isnan(s.epsilon)]
+    return max(eps) if eps else math.inf
 
 
 def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
@@ -157,41 +221,70 @@ def _unique(name: str, node: int, sites: dict[int, SiteStatus]) -> str:
 
 def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, folder, observer):
     """Send the global model, validate each reply as it arrives, aggregate the accepted."""
+    # A SuperLink lists only nodes whose heartbeat is current. Flower's sampler would wait
+    # for min-sites of them without limit; this waits one round-timeout, then fails the run.
+    online = set(_wait_for_nodes(grid, cfg))
     msgs = list(strategy.configure_train(rnd, to_record(global_arrays), ConfigRecord(), grid))
     sent = {m.metadata.dst_node_id for m in msgs}
     for m in msgs:
         m.content["preprocess"] = prep_record
-    aggregator = make_aggregator(strategy, rnd, global_arrays)
     rows: list[dict[str, Any]] = []
-    answered = set()
-    for msg in _in_node_order(grid.send_and_receive(msgs, timeout=cfg.round_timeout)):
-        node = msg.metadata.src_node_id
+    answered: set[int] = set()
+    declared = {node: site.num_train for node, site in sites.items()}
+
+    def reject(node: int, reason: str, msg: Message | None = None) -> None:
         answered.add(node)
         site = sites.get(node)
-        name = site.name if site else validation.site_name(msg)
-        verdict = validation.check_train_reply(msg, global_arrays, MAX_UPDATE_NORM) if site else \
-            validation.Verdict(False, "site skipped the preprocessing round")
-        if not verdict.ok:
-            observer.rejected(rnd, name, verdict.reason)
-            rows.append({"round": rnd, "site": name, "node_id": node, "status": f"rejected: {verdict.reason}",
-                         "phase": "train"})
-            continue
+        name = site.name if site else (validation.site_name(msg) if msg is not None else f"node-{node}")
+        observer.rejected(rnd, name, reason)
+        rows.append({"round": rnd, "site": name, "node_id": node, "status": f"rejected: {reason}", "phase": "train"})
+
+    def accept(msg: Message) -> None:
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        site = sites[node]
         m = msg.content.metric_records["metrics"]
         eps = float(m.get("epsilon", -1.0))
         if eps >= 0:
             site.epsilon, site.delta = eps, float(m["delta"])
         site.num_train = int(m["num-examples"])
-        aggregator.add(msg)
-    for node in sorted(sent - answered):
+
+    new = None
+    if cfg.secure_aggregation:
+        # Masked updates: validated for form only, summed and unmasked in secagg_round.
+        known = [m for m in msgs if m.metadata.dst_node_id in sites]
+        new = secagg_round.run(grid, known, rnd, global_arrays, cfg, reject, accept,
+                               central=strategy if isinstance(strategy, central_dp._Exact) else None,
+                               declared=declared)
+        count = len(known) if new is not None else 0
+    else:
+        aggregator = make_aggregator(strategy, rnd, global_arrays)
+        bound = cfg.central_clip * (1 + 1e-4) if cfg.central_dp == "client" else MAX_UPDATE_NORM
+        for msg in _in_node_order(grid.send_and_receive(msgs, timeout=cfg.round_timeout)):
+            node = msg.metadata.src_node_id
+            if node not in sent:
+                continue  # made by the SuperLink (node unavailable, reply expired): counted as missed below
+            verdict = validation.check_train_reply(msg, global_arrays, bound) if node in sites else \
+                validation.Verdict(False, "site skipped the preprocessing round")
+            if verdict.ok:
+                verdict = validation.check_declared_count(msg, declared.get(node, 0))
+            if not verdict.ok:
+                reject(node, verdict.reason, msg)
+                continue
+            accept(msg)
+            aggregator.add(msg)
+        count = aggregator.count
+    for node in sorted((sent - answered) | (set(sites) - online)):
         if node in sites:
             sites[node].missed.append(rnd)
-            observer.rejected(rnd, sites[node].name, "no reply before the round timeout")
+            observer.rejected(rnd, sites[node].name, "no reply (offline, or past the round timeout)")
     folder.append_metrics(rows)
-    if aggregator.count < min(cfg.min_sites, len(sites)):
-        log.warning("round %d: %d accepted update(s) < min-sites %d; global model unchanged",
-                    rnd, aggregator.count, cfg.min_sites)
-        return global_arrays
-    new = aggregator.result()
+    if not cfg.secure_aggregation:
+        if count < min(cfg.min_sites, len(sites)):
+            log.warning("round %d: %d accepted update(s) < min-sites %d; global model unchanged",
+                        rnd, count, cfg.min_sites)
+            return global_arrays
+        new = aggregator.result()
     return global_arrays if new is None else new
 
 
@@ -245,6 +338,7 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
                          **glob})
     observer.round_done(rnd, cfg.num_rounds, task.main_metric, glob.get(task.main_metric, math.nan),
                         max(eps) if eps else math.inf, problems)
+    return glob.get(task.main_metric)
 
 
 def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, Any]:

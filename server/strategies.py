@@ -6,7 +6,7 @@ the strategy for what it is good at: sampling nodes and aggregating accepted rep
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from ..shared.config import RunConfig
 
@@ -19,6 +19,12 @@ def build_strategy(cfg: RunConfig, num_nodes: int) -> Strategy:
         min_evaluate_nodes=min(cfg.min_sites, num_nodes),
         min_available_nodes=min(cfg.min_sites, num_nodes),
     )
+    if cfg.central_dp != "off":
+        from . import central_dp
+
+        common["weighted_by_key"] = central_dp.UNIT_WEIGHT
+        base = FedProx(**common, proximal_mu=cfg.proximal_mu) if cfg.strategy == "fedprox" else FedAvg(**common)
+        return central_dp.wrap(base, cfg)
     if cfg.strategy == "fedavg":
         return FedAvg(**common)
     if cfg.strategy == "fedprox":
@@ -31,4 +37,9 @@ def build_strategy(cfg: RunConfig, num_nodes: int) -> Strategy:
         return FedTrimmedAvg(**common, beta=0.25)
     if cfg.strategy == "krum":
         return Krum(**common, num_malicious_nodes=max(1, num_nodes // 4))
+    if cfg.strategy == "multi-krum":
+        # Krum's scores pick out the up-to-n/4 outliers; the n - f most central updates are
+        # then averaged, so honest sites keep contributing (Krum keeps only one).
+        f = max(1, num_nodes // 4)
+        return MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=max(1, num_nodes - f))
     raise ValueError(f"unknown strategy {cfg.strategy!r}")

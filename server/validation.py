@@ -74,6 +74,9 @@ def check_train_reply(msg: Message, reference: dict[str, np.ndarray], max_update
     content = msg.content
     if set(content.array_records) != {"arrays"}:
         return Verdict(False, f"expected one ArrayRecord 'arrays', got {sorted(content.array_records)}")
+    verdict = _check_extra(msg)
+    if not verdict.ok:
+        return verdict
     record = content.array_records["arrays"]
     keys = set(record.keys())
     if keys != set(reference):
@@ -98,6 +101,49 @@ def check_train_reply(msg: Message, reference: dict[str, np.ndarray], max_update
     if norm > max_update_norm:
         return Verdict(False, f"update norm {norm:.3g} exceeds bound {max_update_norm:.3g}")
     return Verdict(True)
+
+
+def check_declared_count(msg: Message, declared: int) -> Verdict:
+    """A train reply may not claim more examples than the site declared before training.
+
+    Example counts weight FedAvg; a site inflating its count mid-run would buy itself a
+    larger share of the global model. The preprocessing round's count is the site's own
+    statement too, but it was made before anyone saw a model.
+    """
+    n = msg.content.metric_records["metrics"]["num-examples"]
+    if declared > 0 and n > declared:
+        return Verdict(False, f"num-examples {n!r} exceeds the {declared} declared in the preprocessing round")
+    return Verdict(True)
+
+
+def _check_extra(msg: Message) -> Verdict:
+    """No records beyond the expected ones (a site has no reason to send anything else)."""
+    extra = sorted(set(msg.content.config_records) - {"site"})
+    if extra:
+        return Verdict(False, f"unexpected record(s) {extra[:3]}")
+    return Verdict(True)
+
+
+def check_masked_reply(msg: Message, length: int) -> Verdict:
+    """A secure-aggregation reply: one masked Z_2^64 vector of the layout's length."""
+    if msg.has_error():
+        return Verdict(False, f"error reply (code {msg.error.code}): {msg.error.reason}")
+    if not msg.has_content():
+        return Verdict(False, "reply has no content")
+    verdict = check_metrics(msg)
+    if not verdict.ok:
+        return verdict
+    content = msg.content
+    if set(content.array_records) != {"masked"} or set(content.array_records["masked"].keys()) != {"masked"}:
+        return Verdict(False, "expected one masked vector")
+    arr = content.array_records["masked"]["masked"]
+    if np.dtype(arr.dtype) != np.uint64 or tuple(arr.shape) != (length,):
+        return Verdict(False, f"masked vector has dtype {arr.dtype} and shape {tuple(arr.shape)}, expected uint64 ({length},)")
+    try:
+        arr.numpy()
+    except Exception:  # noqa: BLE001 - undecodable bytes
+        return Verdict(False, "masked vector cannot be decoded")
+    return _check_extra(msg)
 
 
 def check_evaluate_reply(msg: Message) -> Verdict:

@@ -21,14 +21,17 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum", "multi-krum")
 PARTITIONS = ("natural", "iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
+CENTRAL_DP = ("off", "server", "client")
 
 #: Budget a virtual hospital gets when its node config names none (Flower's simulation
 #: engine passes only partition ids). Deliberately strict; never taken from run config.
 DEFAULT_SITE_EPSILON = 1.0
 DEFAULT_SITE_DELTA = 1e-5
+#: Rounds when neither the run config nor the task names a number.
+FALLBACK_ROUNDS = 20
 
 
 def _key(name: str) -> str:
@@ -42,7 +45,7 @@ class RunConfig:
     task: str = "diagnosis"
     dataset: str = ""
     model: str = ""
-    num_rounds: int = 20
+    num_rounds: int = 0
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.05
@@ -52,6 +55,8 @@ class RunConfig:
     optimizer: str = ""
     weight_decay: float = -1.0
     dropout: float = -1.0
+    #: Pathology stain normalisation: "none" or "hed" ("" = the task's default).
+    stain_norm: str = ""
     max_grad_norm: float = 1.0
     partition: str = "natural"
     num_sites: int = 4
@@ -62,6 +67,16 @@ class RunConfig:
     round_timeout: float = 600.0
     out_dir: str = ""
     reproducible_noise: bool = False
+    #: Secure aggregation (fedavg/fedprox only): the coordinator sees masked vectors and their sum.
+    secure_aggregation: bool = False
+    #: Fraction of a round's sampled sites that must survive for the sum to be unmasked.
+    secagg_threshold: float = 0.66
+    #: Central DP on the aggregate: "off", "server" (server clips) or "client" (sites clip).
+    central_dp: str = "off"
+    central_noise: float = 1.0
+    central_clip: float = 1.0
+    #: An interrupted run folder (or its ``.partial``) to continue from its last checkpoint.
+    resume: str = ""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
@@ -92,7 +107,7 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"run-config '{key}': {why}")
 
-        need(self.num_rounds >= 1, "num-rounds", "must be >= 1")
+        need(self.num_rounds >= 0, "num-rounds", "must be >= 1 (0 = the task's default)")
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.partition in PARTITIONS, "partition", f"one of {', '.join(PARTITIONS)}")
         need(self.optimizer in ("",) + OPTIMIZERS, "optimizer", "sgd or adam")
@@ -107,15 +122,30 @@ class RunConfig:
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
         need(self.dropout < 1, "dropout", "must be < 1")
+        need(self.stain_norm in ("", "none", "hed"), "stain-norm", "none or hed")
+        need(0 < self.secagg_threshold <= 1, "secagg-threshold", "must be in (0, 1]")
+        need(self.central_dp in CENTRAL_DP, "central-dp", f"one of {', '.join(CENTRAL_DP)}")
+        need(self.central_noise > 0, "central-noise", "must be > 0")
+        need(self.central_clip > 0, "central-clip", "must be > 0")
+        need(not self.secure_aggregation or self.strategy in ("fedavg", "fedprox"), "secure-aggregation",
+             "needs a linear aggregate: strategy fedavg or fedprox")
+        need(not (self.secure_aggregation and self.central_dp == "server"), "central-dp",
+             "'server' clips each update, which secure aggregation hides: use 'client'")
+        need(self.central_dp == "off" or self.strategy in ("fedavg", "fedprox"), "central-dp",
+             "needs strategy fedavg or fedprox (equal-weight mean)")
 
     def resolved(self, defaults: Mapping[str, Any]) -> "RunConfig":
         """Fill "task default" sentinels from a task's defaults mapping."""
         changes: dict[str, Any] = {}
         sentinel = {"dataset": "", "model": "", "local_epochs": 0, "batch_size": 0,
-                    "lr": 0.0, "optimizer": "", "weight_decay": -1.0, "dropout": -1.0}
+                    "lr": 0.0, "optimizer": "", "weight_decay": -1.0, "dropout": -1.0,
+                    "stain_norm": ""}
+        sentinel["num_rounds"] = 0
         for name, empty in sentinel.items():
             if getattr(self, name) == empty and name in defaults:
                 changes[name] = defaults[name]
+        if self.num_rounds == 0 and "num_rounds" not in changes:
+            changes["num_rounds"] = FALLBACK_ROUNDS
         return dataclasses.replace(self, **changes)
 
 
@@ -131,6 +161,10 @@ class SiteConfig:
     num_partitions: int | None = None
     ledger: str = ""
     strict: bool = False
+    #: The most noise (multiplier) the hospital accepts: a run whose planned steps fit
+    #: the remaining budget only with more noise is refused before training (the model
+    #: would be noise, and the budget spent for nothing).
+    max_noise: float = 30.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "SiteConfig":

@@ -61,11 +61,13 @@ class WireError:
 BUDGET_REFUSED = 4101
 DATA_INVALID = 4102
 CONFIG_REJECTED = 4103
+LEDGER_INVALID = 4104
 INTERNAL_ERROR = 4199
 
 WIRE_REASONS = {
     BUDGET_REFUSED: "privacy budget: the site refuses training that would exceed its (epsilon, delta)",
     DATA_INVALID: "site data failed validation; details are in the site's local log",
     CONFIG_REJECTED: "run configuration rejected by the site",
+    LEDGER_INVALID: "privacy ledger failed verification at the site; training refused until resolved",
     INTERNAL_ERROR: "internal error at the site; details are in the site's local log",
 }

@@ -71,7 +71,7 @@ def simulate(
     dataset: Optional[str] = typer.Option(None, help="Builtin dataset of the task (default: the task's first)."),
     model: Optional[str] = typer.Option(None, help="Model kind (default: the task's first)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Federated rounds."),
-    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | median | trimmed-mean | krum"),
+    strategy: Optional[str] = typer.Option(None, help="fedavg | fedprox | fedadam | median | trimmed-mean | krum | multi-krum"),
     epsilon: str = typer.Option("1.0", help="Each hospital's ε budget for the run; 'inf' trains without DP."),
     delta: float = typer.Option(DEFAULT_SITE_DELTA, help="Each hospital's δ."),
     seed: Optional[int] = typer.Option(None, help="Seed for splits, partitions, initialisation and sampling."),
@@ -83,24 +83,47 @@ def simulate(
     strict: bool = typer.Option(False, help="Refuse a data file with any unreadable record."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder."),
     overrides: list[str] = typer.Option([], "--set", help="Any run-config KEY=VALUE (e.g. --set lr=0.1)."),
+    ledger: str = typer.Option("off", help="Privacy-ledger directory for the virtual hospitals (default: none)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder "
+                                          "(or its .partial) from its last checkpoint; other options are "
+                                          "taken from the checkpoint."),
+    engine: str = typer.Option("inprocess", help="inprocess (default) | ray: Flower's Ray simulation engine "
+                               "(builtin partitions, the default site budget; see README)."),
 ) -> None:
     """Run a simulated federation (default: the four UCI heart-disease hospitals with DP, ε = 1)."""
     if ctx.invoked_subcommand is not None:
         return
     from .progress import RichProgress, summary_table
-    from .runner import plan_federation, simulate as run
+    from .runner import plan_federation, resume as resume_run, simulate as run
 
-    cfg = build_config(task=task, dataset=dataset, model=model, rounds=rounds, strategy=strategy, seed=seed,
-                       partition=partition, sites=sites, alpha=alpha, overrides=overrides)
-    eps = parse_epsilon(epsilon)
-    federation = plan_federation(cfg, epsilon=eps, delta=delta, data=data, strict=strict)
     observer = None if quiet else RichProgress()
-    folder = run(cfg, federation, out=out, observer=observer)
+    if resume is not None:
+        folder = resume_run(resume, observer=observer)
+    else:
+        cfg = build_config(task=task, dataset=dataset, model=model, rounds=rounds, strategy=strategy, seed=seed,
+                           partition=partition, sites=sites, alpha=alpha, overrides=overrides)
+        eps = parse_epsilon(epsilon)
+        if engine == "ray":
+            from .ray_engine import simulate_ray
+
+            if data:
+                raise ConfigError("--engine ray runs builtin partitions only (Ray's virtual nodes get no "
+                                  "data path); use the in-process engine with --data")
+            folder = simulate_ray(cfg, out=out, epsilon=eps, delta=delta)
+        elif engine == "inprocess":
+            federation = plan_federation(cfg, epsilon=eps, delta=delta, data=data, strict=strict, ledger=ledger)
+            if federation.skipped:
+                console.print(f"[yellow]{len(federation.skipped)} unreadable record(s)/file(s) skipped[/] "
+                              "(listed in the run folder's skipped.csv; --strict refuses them)")
+            folder = run(cfg, federation, out=out, observer=observer)
+        else:
+            raise ConfigError(f"--engine: inprocess or ray, not {engine!r}")
     if quiet:
         typer.echo(str(folder))
         return
     console.print(summary_table(folder))
-    console.print(f"Run folder: [bold]{folder}[/] (summary.json, metrics.csv, rounds.csv, model.pt, progress.png)")
+    console.print(f"Run folder: [bold]{folder}[/] (report.html, summary.json, metrics.csv, rounds.csv, model.pt, "
+                  "model.ts, model_card.md, progress.png)")
 
 
 @app.command("tasks")
@@ -111,3 +134,8 @@ def list_tasks() -> None:
     for name in task_names():
         t = get_task(name)
         console.print(f"[bold]{name}[/]: datasets {', '.join(t.datasets)}; models {', '.join(t.models)}")
+
+
+from . import experiments_cli as _experiments  # noqa: E402 - attaches compare and sweep to `app`
+
+_experiments.register(app)

@@ -11,12 +11,13 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from ..client.app import app as client_app
-from ..client.site import builtin_partition
+from ..client.site import builtin_partition, file_records, file_stamp
 from ..server import events
 from ..server.app import app as server_app
 from ..server.rounds import default_out_dir
@@ -40,11 +41,15 @@ class Federation:
 
 
 def plan_federation(cfg: RunConfig, *, epsilon: float, delta: float, data: Sequence[Path] = (),
-                    strict: bool = False) -> Federation:
-    """Node configs for builtin partitions or one hospital per data file, validated."""
+                    strict: bool = False, ledger: str = "off") -> Federation:
+    """Node configs for builtin partitions or one hospital per data file, validated.
+
+    ``ledger``: the privacy-ledger directory every virtual hospital writes to; "off" by
+    default, so that a simulation never spends a real hospital's recorded budget.
+    """
     task = get_task(cfg.task)
     resolved = cfg.resolved(task.defaults)
-    budget = {"epsilon": epsilon, "delta": delta}
+    budget = {"epsilon": epsilon, "delta": delta, "ledger": ledger or "off"}
     SiteConfig.from_mapping(budget)
     if data:
         configs = {}
@@ -52,7 +57,10 @@ def plan_federation(cfg: RunConfig, *, epsilon: float, delta: float, data: Seque
         skipped: list[tuple[str, str, str]] = []
         for i, path in enumerate(data):
             path = Path(path)
-            records = task.read_file(path, resolved.dataset, strict=strict)  # DataError names file/row/column
+            # DataError names file/row/column; read through the hospitals' own cache, so a
+            # virtual hospital does not read its file a second time.
+            records = file_records(task.name, resolved.dataset, str(path.resolve()), file_stamp(path.resolve()),
+                                   strict)
             name = path.stem if path.stem not in names else f"{path.stem}-{i}"
             names.add(name)
             skipped += [(name, where, why) for where, why in records.skipped]
@@ -81,14 +89,15 @@ def observing(observer: events.Observer | None) -> Iterator[None]:
 def simulate(cfg: RunConfig, federation: Federation, *, out: Path | None = None,
              observer: events.Observer | None = None,
              unreachable: Callable[[int, Message], bool] | None = None,
-             tap: Callable[[Message], None] | None = None) -> Path:
+             tap: Callable[[Message], None] | None = None,
+             apps: Mapping[int, ClientApp] | None = None) -> Path:
     """Run the federation in this process and return the finished run folder."""
     out = Path(out) if out else default_out_dir(cfg)
     if out.exists():
         raise ConfigError(f"output folder {out} already exists")
     run_cfg = cfg.replace(out_dir=str(out), min_sites=min(cfg.min_sites, federation.size))
     mapping = run_cfg.to_mapping()
-    grid = InProcessGrid(client_app, federation.node_configs, mapping, unreachable=unreachable, tap=tap)
+    grid = InProcessGrid(client_app, federation.node_configs, mapping, unreachable=unreachable, tap=tap, apps=apps)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=mapping)
     with observing(observer), _quiet_flower(), _server_identity(context.run_id):
         server_app(grid, context)
@@ -98,6 +107,29 @@ def simulate(cfg: RunConfig, federation: Federation, *, out: Path | None = None,
             writer.writerow(["site", "record", "reason"])
             writer.writerows(federation.skipped)
     return out
+
+
+def resume(run_dir: Path, *, observer: events.Observer | None = None) -> Path:
+    """Continue an interrupted in-process run from its last checkpoint.
+
+    The checkpoint holds the run config, the global model, the strategy and RNG states
+    and every virtual hospital's node config and ``Context.state`` (so ε continues
+    where it stopped); the federation is rebuilt from it.
+    """
+    from ..server import checkpoint
+    from .grid import node_configs_from_states
+
+    partial = checkpoint.locate(run_dir)
+    saved = checkpoint.load(partial / checkpoint.FILE)
+    if not saved.node_states:
+        raise ConfigError(f"{partial}: the checkpoint holds no hospital states (not an in-process run)")
+    cfg = RunConfig.from_mapping({**saved.config, "resume": str(partial)})
+    node_configs = node_configs_from_states(saved.node_states)
+    grid = InProcessGrid(client_app, node_configs, cfg.to_mapping())
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_mapping())
+    with observing(observer), _quiet_flower(), _server_identity(context.run_id):
+        server_app(grid, context)
+    return checkpoint.final_name(partial)
 
 
 @contextmanager
@@ -126,4 +158,4 @@ def _quiet_flower() -> Iterator[None]:
         logger.setLevel(level)
 
 
-__all__ = ["Federation", "plan_federation", "simulate", "DataError"]
+__all__ = ["Federation", "plan_federation", "simulate", "resume", "DataError"]

@@ -13,6 +13,12 @@ from fedcare.shared.config import RunConfig
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _private_fedcare_home(tmp_path_factory, monkeypatch):
+    """A hospital's privacy ledger defaults to ~/.fedcare/ledger: tests never touch it."""
+    monkeypatch.setenv("FEDCARE_HOME", str(tmp_path_factory.mktemp("fedcare-home")))
+
+
 def small_config(**changes) -> RunConfig:
     """Heart disease, few rounds: the spine's smallest real federation."""
     base = RunConfig().to_mapping()

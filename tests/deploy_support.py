@@ -48,7 +48,8 @@ class Processes:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
         self.env.update({"FLWR_HOME": str(self.flwr_home), "FEDCARE_HOME": str(root / "fedcare-home"),
-                         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"})
+                         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+                         "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
         self.started: list[subprocess.Popen] = []
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:

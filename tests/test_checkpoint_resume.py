@@ -145,3 +145,16 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     with pytest.raises(ConfigError, match="differs"):
         checkpoint.check_compatible({"num-rounds": 4, "seed": 1}, {"num-rounds": 5, "seed": 1}, tmp_path)
     checkpoint.check_compatible({"num-rounds": 4, "resume": ""}, {"num-rounds": 4, "resume": "x"}, tmp_path)
+
+
+def test_cli_resume_of_a_folder_without_checkpoint_fails_cleanly(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedcare.shared.cli import _attach, app, main  # noqa: F401
+
+    (tmp_path / "run.partial").mkdir()
+    _attach()
+    result = CliRunner().invoke(app, ["simulate", "--resume", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError) and "no interrupted run" in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.partial"]

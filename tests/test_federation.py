@@ -133,3 +133,16 @@ def test_cleaning_treats_impossible_values_as_missing_and_drops_duplicates():
     assert np.isnan(table.x[1, cols.index("cp")])            # chest pain type 9 does not exist
     assert np.isnan(table.x[1, cols.index("thalach")])       # heart rate 0 is not a measurement
     assert list(table.y) == [0, 1]
+
+
+def test_engine_with_another_number_of_hospitals_deals_the_pool_iid():
+    """Flower's simulation engine picks the number of virtual hospitals (num-supernodes)."""
+    from fedcare.client.site import load_site
+    from fedcare.shared.config import SiteConfig
+
+    task = get_task("diagnosis")
+    cfg = small_config().resolved(task.defaults)
+    sites = [load_site(task, cfg, SiteConfig.from_mapping({"partition-id": i, "num-partitions": 2})) for i in (0, 1)]
+    natural = builtin_partition("diagnosis", "heart", "natural", 4, 0.5, cfg.seed)
+    assert [s.name for s in sites] == ["site0", "site1"]
+    assert sum(len(s.train) for s in sites) == sum(len(s.train) for s in natural)

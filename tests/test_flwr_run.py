@@ -1,9 +1,7 @@
 """``flwr run`` of the repository's own Flower app on Flower's simulation engine.
 
 The app folder is a copy of the repository's ``pyproject.toml`` (its components point at
-the installed fedcare package): on first use flwr 1.41 migrates the legacy
-``[tool.flwr.federations]`` table into ``$FLWR_HOME/config.toml`` and comments it out of
-the ``pyproject.toml`` it ran, which must not happen to the checkout. The local
+the installed fedcare package), so nothing the run does can touch the checkout. The local
 simulation SuperLink is started here with the command ``flwr run`` itself would use, on
 free ports and with no startup deadline (flwr allows it 15 s, too little on a busy CI
 machine); ``flwr run`` finds it and submits to it, and the test stops it afterwards,
@@ -14,11 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: flwr's own dependency
+    import tomli as tomllib
 
 from .deploy_support import BIN, Processes, free_port, wait_until
 
@@ -61,7 +62,8 @@ def test_flwr_run_on_the_simulation_engine(tmp_path):
         wait_until(lambda: link.poll() is not None or _healthy(http_port), 120, "the local SuperLink")
         assert link.poll() is None, procs.log(link)
 
-        done = procs.run([str(BIN / "flwr"), "run", str(app), "--stream", "--run-config",
+        done = procs.run([str(BIN / "flwr"), "run", str(app), "--stream", "--federation-config",
+                          "num-supernodes=4", "--run-config",
                           f'num-rounds=1 min-sites=4 out-dir="{out}"'], timeout=360)
         assert done.returncode == 0, done.stdout + done.stderr
     finally:

@@ -31,7 +31,7 @@ def test_audit_command_writes_auc_beside_epsilon(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert set(audit["sites"]) == set(summary["sites"]) == {"cleveland", "hungary", "switzerland", "va_long_beach"}
     for name, entry in audit["sites"].items():
-        assert 0.0 <= entry["mia_auc"] <= 1.0
+        assert 0.0 <= entry["mia_auc"] <= 1.0 and 0.0 <= entry["mia_auc_calibrated"] <= 1.0
         assert entry["epsilon"] == summary["sites"][name]["epsilon"] <= 2.0
         assert summary["sites"][name]["mia_auc"] == entry["mia_auc"]
         assert entry["members"] > entry["non_members"] > 0

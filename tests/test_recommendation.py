@@ -212,6 +212,7 @@ GOOD = pd.DataFrame({"patient": ["p1", "p1", "p2"], "treatment": ["A", "B+C", "A
 @pytest.mark.parametrize("change, row, column, words", [
     (lambda f: f.assign(treatment=["A", "Q", "A"]), 3, "treatment", "unknown treatment"),
     (lambda f: f.assign(treatment=["A", "A", "A"], time=[1, 1, 1]), 3, "time", "duplicate"),
+    (lambda f: f.assign(treatment=["A", "A", "A"]).drop(columns="time"), 3, "treatment", "duplicate"),
     (lambda f: f.assign(response=[0.2, 1.5, 0.5]), 3, "response", "outside the declared range"),
     (lambda f: f.assign(response=["0.2", "high", "0.5"]), 3, "response", "not a number"),
     (lambda f: f.drop(columns="response"), None, "response", "missing column"),

@@ -127,6 +127,11 @@ def _count(msg, reply):
     return reply
 
 
+def _inflate(msg, reply):  # plausible in itself, but 10x what the site declared
+    reply.content["metrics"]["num-examples"] = 10 * int(reply.content["metrics"]["num-examples"])
+    return reply
+
+
 def _smuggle(msg, reply):
     reply.content["rows"] = ConfigRecord({"record": "63,1,1,145,233"})
     return reply
@@ -152,13 +157,13 @@ def test_hostile_hospitals_are_excluded_and_the_run_goes_on(tmp_path: Path) -> N
     cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": 1, "partition": "iid",
                                   "num-sites": 8})
     fed = plan_federation(cfg, epsilon=math.inf, delta=1e-5)
-    hostile = {1: _nan, 2: _shape, 3: _count, 4: _smuggle, 5: _crash}
+    hostile = {1: _nan, 2: _shape, 3: _count, 4: _smuggle, 5: _crash, 6: _inflate}
     out = simulate(cfg, fed, out=tmp_path / "hostile", apps={n: corrupting(f) for n, f in hostile.items()})
     statuses = _statuses(out)
     assert "NaN" in statuses[1] and "shape" in statuses[2] and "num-examples" in statuses[3]
-    assert "unexpected record" in statuses[4] and "code 4199" in statuses[5]
+    assert "unexpected record" in statuses[4] and "code 4199" in statuses[5] and "declared" in statuses[6]
     assert "patient" not in (out / "metrics.csv").read_text()
-    assert not any(n in statuses for n in (6, 7, 8))  # honest sites: accepted, no rejection row
+    assert not any(n in statuses for n in (7, 8))  # honest sites: accepted, no rejection row
 
     # The aggregate is exactly that of the honest sites alone.
     clean = simulate(cfg, fed, out=tmp_path / "honest-only",

@@ -85,6 +85,12 @@ def test_dropout_during_masking_still_sums_the_survivors(tmp_path: Path) -> None
     secure = _model(tmp_path / "secure", _cfg(**{"secure-aggregation": True}), unreachable=drop)
     assert _max_diff(plain, secure) < 1e-6
 
+    # site 2 masks and sends, then misses the unmasking: its self mask is rebuilt from shares
+    everyone = _model(tmp_path / "all", _cfg())
+    late = _model(tmp_path / "late", _cfg(**{"secure-aggregation": True}),
+                  unreachable=lambda node, msg: node == 2 and msg.metadata.message_type == "train.secagg_unmask")
+    assert _max_diff(everyone, late) < 1e-6
+
     untrained = _model(tmp_path / "none", _cfg(**{"secure-aggregation": True}),
                        unreachable=lambda node, msg: node in (2, 3) and msg.metadata.message_type == "train")
     init = _model(tmp_path / "init", _cfg(**{"num-rounds": 1, "fraction-train": 1.0}),
@@ -111,3 +117,47 @@ def test_server_side_central_dp_noise_scales_with_clip(tmp_path: Path) -> None:
     # equal weights instead of example weights: a different mean from FedAvg's, but close
     assert 0 < _max_diff(plain, small) < 0.5
     assert _max_diff(plain, big) > 10 * _max_diff(plain, small)
+
+
+def test_a_site_never_answers_unmasking_twice_or_out_of_order() -> None:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedcare.client import secagg_client
+    from fedcare.client.app import app
+    from fedcare.shared import errors
+    from fedcare.simulation.runner import _server_identity
+
+    nodes = [1, 2, 3]
+    ctx = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
+                      run_config=RunConfig().to_mapping()) for n in nodes}
+    base = {"round": 1, "session": os.urandom(16)}
+
+    def send(node: int, action: str, **fields) -> Message:
+        with _server_identity(1):
+            msg = Message(RecordDict({"secagg": ConfigRecord({**base, **fields})}), dst_node_id=node,
+                          message_type=f"train.{action}")
+        msg.metadata.__dict__["_message_id"] = f"{action}-{node}"
+        return app(msg, ctx[node])
+
+    keys = {n: send(n, "secagg_keys").content["secagg"] for n in nodes}
+    assert send(1, "secagg_unmask", survivors=nodes).error.code == errors.CONFIG_REJECTED  # out of order
+    pk_c, pk_s = [keys[n]["pk-c"] for n in nodes], [keys[n]["pk-s"] for n in nodes]
+    forged = [pk_c[1]] + pk_c[1:]
+    assert send(1, "secagg_shares", nodes=nodes, **{"pk-c": forged, "pk-s": pk_s}).has_error()
+    relay = {n: {} for n in nodes}
+    for n in nodes:
+        rec = send(n, "secagg_shares", nodes=nodes, **{"pk-c": pk_c, "pk-s": pk_s}).content["secagg"]
+        for dst, sealed in zip(rec["to"], rec["ct"]):
+            relay[dst][n] = sealed
+    with _server_identity(1):
+        train = Message(RecordDict({"secagg": ConfigRecord({**base, "nodes": nodes})}), dst_node_id=1,
+                        message_type="train")
+    secagg_client.masked_update(train, ctx[1], {"w": np.ones(3)}, 2.0)
+    src = sorted(relay[1])
+    ask = dict(survivors=[1, 2], dropped=[3], src=src, ct=[relay[1][s] for s in src])
+    first = send(1, "secagg_unmask", **ask)
+    assert not first.has_error() and first.content["secagg"]["sk-from"] == [3]
+    assert sorted(first.content["secagg"]["b-from"]) == [1, 2]
+    # asked again with site 2 now "dropped": that would reveal both of its secrets
+    again = send(1, "secagg_unmask", **{**ask, "survivors": [1, 3], "dropped": [2]})
+    assert again.error.code == errors.CONFIG_REJECTED

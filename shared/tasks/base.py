@@ -50,6 +50,9 @@ class Records:
     #: Reasons name the problem, never a record's value; the simulator lists them in the
     #: run folder as ``skipped.csv``.
     skipped: tuple[tuple[str, str], ...] = ()
+    #: Records the hospital itself set aside for testing (a ``test/`` folder, a manifest's
+    #: ``split`` column), or None to draw the split; ``split_indices`` honours it.
+    test_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -127,6 +130,17 @@ class Task(ABC):
         raise NotImplementedError(f"task {self.name} cannot pool records")
 
     test_fraction: ClassVar[float] = 0.25
+
+    def split(self, records: Records, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Train/test indices of one site's records (``split_site`` calls this).
+
+        The default is ``splits.split_indices`` (grouped or stratified); a task with its
+        own notion of a fair held-out set (the drug task's balanced scaffold split)
+        overrides it, honouring ``records.test_mask`` as the default does.
+        """
+        from ..splits import split_indices
+
+        return split_indices(records, test_fraction, seed)
 
     # ---- federated preprocessing -------------------------------------------------
     def local_stats(self, train: Records, cfg: Any) -> Arrays:

@@ -1,0 +1,108 @@
+"""Issue 2's harness targets, measured in one process, one run each.
+
+* ``sim_overhead``: wall time of the in-process federation (``simulate``: ServerApp,
+  grid, ClientApp, validation, aggregation, run-folder files) divided by the pure local
+  compute of the same job, the time spent inside ``training.train`` and
+  ``training.evaluate`` summed over every site and round. Target <= 1.10.
+* ``sim_overhead_vs_clientapp``: the same wall time divided by the time spent inside
+  the hospitals' ClientApps (everything a hospital computes: data, DP noise calibration
+  and accounting, training, evaluation): the harness' own share.
+* ``ray_over_inprocess``: the same 4-site, 3-round heart job on Flower's Ray simulation
+  engine divided by the in-process harness. Target >= 20.
+
+    OMP_NUM_THREADS=1 python bench/sim_overhead.py [--rounds R] [--no-ray]
+
+(the default job: the heart federation with DP, ε = 1, the task's default rounds).
+
+The first in-process run warms imports and caches (as any second run in a session
+would be) and is not counted. ``sim_overhead_nodp`` is the same job with ε = ∞:
+with DP, most of the hospitals' time goes to calibrating the noise for the run (Opacus'
+RDP analysis at ~20 noise levels), which the strict ratio counts as overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from fedcare.client import training
+from fedcare.shared.config import RunConfig
+from fedcare.simulation import runner
+from fedcare.simulation.runner import plan_federation, simulate
+
+_compute = [0.0]
+_client = [0.0]
+
+
+class TimedClientApp:
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def __call__(self, message, context):
+        t = time.perf_counter()
+        try:
+            return self.app(message, context)
+        finally:
+            _client[0] += time.perf_counter() - t
+
+
+def _timed(fn):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _compute[0] += time.perf_counter() - t
+    return wrapper
+
+
+def inprocess(rounds: int, tmp: Path, tag: str, epsilon: float = 1.0) -> tuple[float, float]:
+    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": rounds})
+    fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
+    _compute[0] = _client[0] = 0.0
+    t = time.perf_counter()
+    simulate(cfg, fed, out=tmp / tag)
+    return time.perf_counter() - t, _compute[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds)
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+    training.train = _timed(training.train)
+    runner.client_app = TimedClientApp(runner.client_app)
+    training.evaluate = _timed(training.evaluate)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        inprocess(2, tmp, "warm")
+        wall, compute = inprocess(args.rounds, tmp, "job")
+        print(f"rounds={args.rounds or 'task default'}")
+        print(f"inprocess_wall_s={wall:.3f}")
+        print(f"local_compute_s={compute:.3f}")
+        print(f"clientapp_s={_client[0]:.3f}")
+        print(f"sim_overhead={wall / compute:.3f}")
+        print(f"sim_overhead_vs_clientapp={wall / _client[0]:.3f}", flush=True)
+        # The same job without DP: what the harness costs when no noise is calibrated.
+        wall, compute = inprocess(args.rounds, tmp, "nodp", epsilon=math.inf)
+        print(f"sim_overhead_nodp={wall / compute:.3f}")
+        print(f"sim_overhead_nodp_vs_clientapp={wall / _client[0]:.3f}", flush=True)
+        if args.no_ray:
+            return
+        small, _ = inprocess(3, tmp, "small")
+        from fedcare.simulation.ray_engine import simulate_ray
+
+        cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": 3})
+        t = time.perf_counter()
+        simulate_ray(cfg, out=tmp / "ray")
+        ray_wall = time.perf_counter() - t
+        print(f"inprocess_3_rounds_s={small:.3f}")
+        print(f"ray_3_rounds_s={ray_wall:.3f}")
+        print(f"ray_over_inprocess={ray_wall / small:.1f}")
+
+
+if __name__ == "__main__":
+    main()

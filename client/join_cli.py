@@ -1,0 +1,95 @@
+"""``fedcare hospital join`` and ``keygen``: a hospital joins a federation.
+
+``join`` refuses before anything connects when the data fails the task's schema, the
+budget is not a budget, or a key or certificate is unusable; then it becomes the
+SuperNode process (exec), so signals and exit codes are Flower's own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..shared.config import SiteConfig
+from ..shared.errors import ConfigError, DataError
+from ..shared.flower_tools import process_env
+from ..shared.keys import generate_hospital_key
+from ..shared.registry import get_task
+from . import supernode
+
+console = Console(stderr=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("join")(join)
+    app.command("keygen")(keygen)
+
+
+def join(
+    coordinator: str = typer.Option(..., help="The coordinator's SuperLink as HOST:PORT."),
+    ca: Path = typer.Option(..., help="The federation's CA certificate (ca.pem) from the coordinator."),
+    key: Path = typer.Option(..., help="This hospital's private key (OpenSSH, EC P-384)."),
+    data: Path = typer.Option(..., help="This hospital's data file or folder."),
+    epsilon: str = typer.Option(..., help="Privacy budget ε this hospital allows ('inf' = no DP)."),
+    delta: float = typer.Option(..., help="Privacy budget δ."),
+    task: str = typer.Option("diagnosis", help="Task whose schema the data must follow."),
+    dataset: str = typer.Option("", help="Declared schema within the task (default: the task's default)."),
+    site: str = typer.Option("", help="Name shown to the coordinator (default: the data file's name)."),
+    ledger: str = typer.Option("", help="Privacy ledger folder (default ~/.fedcare/ledger; 'off' to keep none)."),
+    strict: bool = typer.Option(False, help="Refuse the data if any record is unreadable."),
+    port: int = typer.Option(supernode.DEFAULT_RUNTIME_PORT, help="Local port of the SuperNode's runtime API "
+                             "(distinct per SuperNode on one machine)."),
+    trusted_entities: Optional[Path] = typer.Option(None, help="YAML of trusted app publishers' Ed25519 keys: "
+                                                    "only apps they signed on Flower Hub will run."),
+    max_wait: Optional[float] = typer.Option(None, help="Give up connecting after this many seconds."),
+) -> None:
+    """Check the data, then run this hospital's SuperNode (TLS, its own key, its own budget)."""
+    t = get_task(task)
+    dataset = dataset or t.defaults["dataset"]
+    try:
+        report = t.check_file(data, dataset)
+        t.read_file(data, dataset, strict=strict)
+    except DataError as exc:
+        console.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(2)
+    if not report.ok:
+        for problem in report.problems:
+            console.print(f"[red]problem:[/] {problem}")
+        console.print(f"[red]refused:[/] {data} does not fit the {task}/{dataset} schema "
+                      f"(see 'fedcare hospital check --task {task} --data {data}')")
+        raise typer.Exit(2)
+
+    eps = math.inf if epsilon.strip().lower() in ("inf", "infinity") else _number("--epsilon", epsilon)
+    cfg = SiteConfig.from_mapping({"data": str(data.expanduser().resolve()), "site": site or data.stem,
+                                   "epsilon": eps, "delta": delta, "ledger": ledger, "strict": strict})
+    supernode.check_ca(ca)
+    supernode.check_private_key(key)
+    if trusted_entities is not None:
+        supernode.check_trusted_entities(trusted_entities)
+    cmd = supernode.supernode_command(superlink=coordinator, ca=ca, key=key, site=cfg, port=port,
+                                      trusted_entities=trusted_entities, max_wait=max_wait)
+    budget = "no DP" if not cfg.private else f"ε={cfg.epsilon:g}, δ={cfg.delta:g}"
+    console.print(f"{report.rows} record(s) OK for {task}/{dataset}; joining {coordinator} as "
+                  f"'{cfg.site}' ({budget})")
+    os.execve(cmd[0], cmd, process_env())
+
+
+def keygen(
+    out: Path = typer.Argument(..., help="Private key file to create (the public key goes beside it as .pub)."),
+    name: str = typer.Option("", help="Comment in the public key (e.g. the hospital's name)."),
+) -> None:
+    """Make this hospital's key pair here; send only the .pub file to the coordinator."""
+    pub = generate_hospital_key(out, comment=name)
+    console.print(f"private key {out} (mode 600, never leaves this machine); public key {pub}")
+
+
+def _number(flag: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a number or 'inf', got {text!r}") from None
