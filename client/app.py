@@ -63,7 +63,9 @@ class _Job:
 
     def model(self) -> torch.nn.Module:
         """Global shared arrays from the message plus this site's local parameters."""
-        torch.manual_seed(self.cfg.seed)
+        has_local = LOCAL_STATE in self.context.state.array_records
+        if self.task.local_prefixes and not has_local:
+            torch.manual_seed(self.cfg.seed)  # first sight: local parameters start reproducibly
         model = self.task.build_model(self.cfg)
         shared = set(self.task.shared_state(model))
         load_into_partial(model, to_numpy(self.msg.content["arrays"]), shared)
