@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,25 +68,8 @@ def export_torchscript(model: torch.nn.Module, path: Path) -> str:
 
 
 def data_schema(task: Any, dataset: str) -> dict[str, Any]:
-    """The declared input schema when the task has one (tabular tasks), else its name."""
-    module = sys.modules.get(type(task).__module__)
-    schema_for = getattr(module, "schema_for", None)
-    if schema_for is None:
-        return {"dataset": dataset, "columns": [], "note": f"see the '{task.name}' task's documentation"}
-    schema = schema_for(dataset)
-    cols = []
-    for c in schema.columns:
-        entry: dict[str, Any] = {"name": c.name, "kind": c.kind, "description": c.description}
-        if math.isfinite(c.lo):
-            entry["min"] = c.lo
-        if math.isfinite(c.hi):
-            entry["max"] = c.hi
-        if c.categories:
-            entry["categories"] = list(c.categories)
-        cols.append(entry)
-    return {"dataset": dataset, "columns": cols, "label": schema.label,
-            "label_values": list(schema.label_values), "positive": list(schema.positive),
-            "encoded_inputs": schema.encoded_names() if hasattr(schema, "encoded_names") else None}
+    """The task's declared input schema (``Task.input_schema``)."""
+    return task.input_schema(dataset)
 
 
 def model_card(task: Any, cfg: Any, summary: Mapping[str, Any], *, torchscript: str = "ok") -> dict[str, Any]:

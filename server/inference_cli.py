@@ -33,6 +33,17 @@ def load_run(run_dir: Path):
     return task, cfg, model, prep
 
 
+def write_csv(frame, out: Path | None) -> bool:
+    """The frame as CSV on stdout, or atomically into ``out`` (True when a file was written)."""
+    if out is None:
+        typer.echo(frame.to_csv(index=False), nl=False)
+        return False
+    tmp = out.with_name(out.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    return True
+
+
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict(
@@ -47,10 +58,5 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"{run_dir} is a '{t.name}' run, not '{task}'")
         with torch.no_grad():
             frame = t.infer(model, prep, cfg, list(inputs))
-        if out is None:
-            typer.echo(frame.to_csv(index=False), nl=False)
-            return
-        tmp = out.with_name(out.name + ".tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-        typer.echo(f"wrote {len(frame)} prediction(s) to {out}")
+        if write_csv(frame, out):
+            typer.echo(f"wrote {len(frame)} prediction(s) to {out}")

@@ -7,7 +7,6 @@ row and column) and nothing is written unless every row is valid.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,7 @@ def register(app: typer.Typer) -> None:
         include_tried: bool = typer.Option(False, help="Also rank treatments a patient already tried."),
     ) -> None:
         """Write each patient's top-k treatments with their predicted outcome as CSV."""
-        from .inference_cli import load_run
+        from .inference_cli import load_run, write_csv
 
         if k < 1:
             raise ConfigError("--k must be >= 1")
@@ -35,10 +34,5 @@ def register(app: typer.Typer) -> None:
         if not hasattr(task, "recommend"):
             raise ConfigError(f"{run_dir} is a '{task.name}' run; recommend needs a 'recommendation' run")
         frame = task.recommend(model, prep, cfg, input, k, include_tried=include_tried)
-        if out is None:
-            typer.echo(frame.to_csv(index=False), nl=False)
-            return
-        tmp = out.with_name(out.name + ".tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-        typer.echo(f"wrote {len(frame)} recommendation(s) for {frame['patient'].nunique()} patient(s) to {out}")
+        if write_csv(frame, out):
+            typer.echo(f"wrote {len(frame)} recommendation(s) for {frame['patient'].nunique()} patient(s) to {out}")

@@ -15,6 +15,7 @@ Scaling and imputation use federation-wide statistics computed from sums only
 
 from __future__ import annotations
 
+import gzip
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,21 @@ class Schema:
         # encoded columns + one missingness indicator per column
         return sum(c.width() for c in self.columns) + len(self.columns)
 
+    def describe(self) -> dict[str, object]:
+        """The declared schema as plain data (model cards, reports)."""
+        cols = []
+        for c in self.columns:
+            entry: dict[str, object] = {"name": c.name, "kind": c.kind, "description": c.description}
+            if math.isfinite(c.lo):
+                entry["min"] = c.lo
+            if math.isfinite(c.hi):
+                entry["max"] = c.hi
+            if c.categories:
+                entry["categories"] = list(c.categories)
+            cols.append(entry)
+        return {"columns": cols, "label": self.label, "label_values": list(self.label_values),
+                "positive": list(self.positive), "encoded_inputs": self.encoded_names()}
+
     def encoded_names(self) -> list[str]:
         names: list[str] = []
         for c in self.columns:
@@ -82,8 +98,9 @@ class Table:
     cleaning: dict[str, int] = field(default_factory=dict)
 
 
-def read_csv(schema: Schema, path: Path, *, require_label: bool = True) -> pd.DataFrame:
-    """Read a hospital CSV as text so that every value can be checked and located."""
+def read_text_csv(path: Path, **options: object) -> pd.DataFrame:
+    """A hospital's CSV (gzip allowed) as text cells, so every value can be checked and
+    located; a missing, empty or unreadable file is a DataError naming it."""
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path=str(path))
@@ -92,11 +109,16 @@ def read_csv(schema: Schema, path: Path, *, require_label: bool = True) -> pd.Da
     if path.stat().st_size == 0:
         raise DataError("file is empty", path=str(path))
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer", **options)
     except pd.errors.EmptyDataError:
         raise DataError("file is empty", path=str(path)) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"not a readable CSV ({type(exc).__name__})", path=str(path)) from None
+
+
+def read_csv(schema: Schema, path: Path, *, require_label: bool = True) -> pd.DataFrame:
+    """Read a hospital CSV as text through ``schema`` (column aliases, required columns)."""
+    frame = read_text_csv(path, skipinitialspace=True)
     frame.columns = [schema.aliases.get(c.strip(), c.strip()) for c in frame.columns]
     if len(frame) == 0:
         raise DataError("file has a header but no records", path=str(path))

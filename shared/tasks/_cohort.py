@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
+from .. import tabular
 from ..tabular import MISSING_MARKERS
 
 COMPONENTS = ("A", "B", "C", "D", "E")
@@ -160,19 +161,7 @@ def from_frame(frame: pd.DataFrame, source: str) -> History:
 
 def read_csv(path: Path) -> History:
     """A hospital's history CSV, validated (``DataError`` names file, row, column)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", path=str(path))
-    if path.is_dir():
-        raise DataError("expected a CSV file, got a folder", path=str(path))
-    if path.stat().st_size == 0:
-        raise DataError("file is empty", path=str(path))
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise DataError("file is empty", path=str(path)) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"not a readable CSV ({type(exc).__name__})", path=str(path)) from None
+    frame = tabular.read_text_csv(path, skipinitialspace=True)
     return from_frame(frame, str(path))
 
 

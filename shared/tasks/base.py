@@ -172,6 +172,11 @@ class Task(ABC):
     def metrics(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         """Scalar metrics from all of a site's scores and targets."""
 
+    # ---- documentation ---------------------------------------------------------------
+    def input_schema(self, dataset: str) -> dict[str, Any]:
+        """What a hospital's input looks like, as plain data (for model cards)."""
+        return {"dataset": dataset, "columns": [], "note": f"see the '{self.name}' task's documentation"}
+
     # ---- run-level summary -----------------------------------------------------------
     def summarize(self, sites: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """Extra top-level ``summary.json`` keys from the sites' final metrics.

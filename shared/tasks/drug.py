@@ -24,7 +24,6 @@ cross-entropy per endpoint, averaged over the endpoints measured for that molecu
 from __future__ import annotations
 
 import csv
-import gzip
 import math
 import re
 import warnings
@@ -40,6 +39,7 @@ from sklearn import metrics as skm
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from .. import tabular
 from ..errors import ConfigError, DataError
 from ..registry import register
 from ..splits import split_site
@@ -128,18 +128,7 @@ class _Parsed:
 
 def _read_table(path: Path) -> pd.DataFrame:
     """A CSV (optionally gzipped) as text, so every cell can be checked and located."""
-    if not path.exists():
-        raise DataError("file not found", path=str(path))
-    if path.is_dir():
-        raise DataError("expected a CSV file, got a folder", path=str(path))
-    if path.stat().st_size == 0:
-        raise DataError("file is empty", path=str(path))
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
-    except pd.errors.EmptyDataError:
-        raise DataError("file is empty", path=str(path)) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"not a readable CSV ({type(exc).__name__})", path=str(path)) from None
+    frame = tabular.read_text_csv(path)
     frame.columns = [str(c).strip() for c in frame.columns]
     lower = {c.lower(): c for c in frame.columns}
     if SMILES not in frame.columns and SMILES in lower:

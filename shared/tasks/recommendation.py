@@ -293,6 +293,9 @@ class Recommendation(Task):
             report.problems.append(f"only {len(records)} record(s): too few to train with DP")
         return report
 
+    def input_schema(self, dataset: str) -> dict[str, Any]:
+        return {"dataset": dataset, **schema_for(dataset).describe()}
+
     def take(self, records: Records, index: np.ndarray) -> Records:
         index = np.asarray(index, dtype=int)
         return Records(data=records.data.take(index), labels=records.labels[index],
