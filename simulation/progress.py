@@ -60,22 +60,25 @@ def summary_table(folder: Path) -> Table:
     metrics = [m for m in ("accuracy", "precision", "recall", "f1", "roc_auc") if m in present]
     if main not in metrics:
         metrics.insert(0, main)
-    table = Table(title=f"{summary['task']} · {summary['strategy']} · {summary['rounds']} rounds · test metrics per site")
-    table.add_column("site")
-    table.add_column("n test", justify="right")
+    deltas = {site.get("delta") for site in summary["sites"].values()} - {None}
+    delta = f" · δ = {deltas.pop():g}" if len(deltas) == 1 else ""
+    table = Table(title=f"{summary['task']} · {summary['strategy']} · {summary['rounds']} rounds{delta} · "
+                        "test metrics per site")
+    table.add_column("site", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
     for m in metrics:
-        table.add_column(m, justify="right")
-    table.add_column("ε spent", justify="right")
-    table.add_column("δ", justify="right")
+        table.add_column(_SHORT.get(m, m), justify="right", no_wrap=True)
+    table.add_column("ε spent", justify="right", no_wrap=True)
     for name, site in summary["sites"].items():
         eps = site.get("epsilon")
         table.add_row(name, str(site.get("num_examples", "")),
                       *[_fmt(site.get(m)) for m in metrics],
-                      "∞ (no DP)" if eps is None else f"{eps:.3f}",
-                      "" if site.get("delta") is None else f"{site['delta']:g}")
-    table.add_row("[bold]mean over sites", "", *[f"[bold]{_fmt(summary.get(f'mean_site_{m}'))}" for m in metrics],
-                  "", "")
+                      "∞ (no DP)" if eps is None else f"{eps:.3f}")
+    table.add_row("[bold]mean", "", *[f"[bold]{_fmt(summary.get(f'mean_site_{m}'))}" for m in metrics], "")
     return table
+
+
+_SHORT = {"accuracy": "acc", "precision": "prec", "recall": "rec", "f1": "F1", "roc_auc": "AUC"}
 
 
 def _fmt(value: Any) -> str:
