@@ -127,7 +127,14 @@ def _guarded(handler: Callable[[_Job], RecordDict]) -> Callable[[Message, Contex
 @app.query()
 @_guarded
 def stats(job: _Job) -> RecordDict:
-    """Sufficient statistics of the site's training records (sums, never rows)."""
+    """Sufficient statistics of the site's training records (sums, never rows).
+
+    A sum over one record is that record: a site holding fewer than its ``min-records``
+    (node config, default 5) refuses, as statistical offices suppress small cells.
+    """
+    if len(job.site.train) < job.site_cfg.min_records:
+        raise DataError(f"{len(job.site.train)} training record(s), fewer than min-records "
+                        f"{job.site_cfg.min_records}: aggregate statistics would reveal individuals")
     local = job.task.local_stats(job.site.train, job.cfg)
     return RecordDict({
         "stats": to_record(local),

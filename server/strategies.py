@@ -6,9 +6,10 @@ the strategy for what it is good at: sampling nodes and aggregating accepted rep
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, MultiKrum, Strategy
 
 from ..shared.config import RunConfig
+from .robust import KrumScreenedMean, MedianScreenedMean, TrimmedMeanScreenedMean
 
 
 def build_strategy(cfg: RunConfig, num_nodes: int) -> Strategy:
@@ -31,12 +32,17 @@ def build_strategy(cfg: RunConfig, num_nodes: int) -> Strategy:
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedadam":
         return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    # median / trimmed-mean / krum are *screened means* (server/robust.py): the rule's robust
+    # centre (coordinate-wise median, beta-trimmed mean, Krum's pick) excludes the f = n // 4
+    # (at least 1) updates farthest from it, and the rest are example-weighted averaged.
+    # The plain rules shrank every step (median) or kept one site (Krum): with 4 sites,
+    # one sign-flipped, they lost 2.4-3.6 accuracy points.
     if cfg.strategy == "median":
-        return FedMedian(**common)
+        return MedianScreenedMean(**common)
     if cfg.strategy == "trimmed-mean":
-        return FedTrimmedAvg(**common, beta=0.25)
+        return TrimmedMeanScreenedMean(**common, beta=0.25)
     if cfg.strategy == "krum":
-        return Krum(**common, num_malicious_nodes=max(1, num_nodes // 4))
+        return KrumScreenedMean(**common, num_malicious_nodes=max(1, num_nodes // 4))
     if cfg.strategy == "multi-krum":
         # Krum's scores pick out the up-to-n/4 outliers; the n - f most central updates are
         # then averaged, so honest sites keep contributing (Krum keeps only one).

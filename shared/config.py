@@ -165,6 +165,9 @@ class SiteConfig:
     #: the remaining budget only with more noise is refused before training (the model
     #: would be noise, and the budget spent for nothing).
     max_noise: float = 30.0
+    #: Fewest training records with which the site shares aggregate statistics or
+    #: updates (a sum over one record is that record).
+    min_records: int = 5
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "SiteConfig":
@@ -183,6 +186,8 @@ class SiteConfig:
             raise ConfigError("node-config 'epsilon': must be > 0 (use inf to train without DP)")
         if not (0 < cfg.delta < 1):
             raise ConfigError("node-config 'delta': must be in (0, 1)")
+        if cfg.min_records < 2:
+            raise ConfigError("node-config 'min-records': must be >= 2")
         return cfg
 
     @property

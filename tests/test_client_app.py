@@ -162,3 +162,17 @@ def test_malformed_global_model_is_an_error_reply_not_a_crash(heart_csvs):
     reply = _ask(ctx, MessageType.TRAIN, {"arrays": bad, "config": ConfigRecord({"server-round": 1}), "preprocess": prep})
     assert reply.has_error() and reply.error.code in (errors.CONFIG_REJECTED, errors.INTERNAL_ERROR)
     assert math.isfinite(reply.error.code)
+
+
+def test_a_site_too_small_for_aggregates_refuses_to_share_them(tmp_path, heart_csvs):
+    """A sum over one record is that record: tiny sites share no statistics."""
+    lines = heart_csvs[0].read_text().splitlines()
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("\n".join(lines[:5]) + "\n")  # four patients: about three to train on
+    run = small_config()
+    ctx = _context({"data": str(tiny), "epsilon": 1.0}, run)
+    reply = _ask(ctx, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})})
+    assert reply.has_error() and reply.error.code == errors.DATA_INVALID
+    assert not reply.has_content()
+    ok = _context({"data": str(tiny), "epsilon": 1.0, "min-records": 2}, run)
+    assert not _ask(ok, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})}).has_error()

@@ -9,8 +9,11 @@ it only finds when it reads its data; its replies must carry a code and fedcare'
 reason only.
 
 Arrays are searched by a rolling hash over values in fixed point (4 decimals), so a run of
-any length is looked up in time linear in what was sent; each test first checks that the
-search finds every needle in the hospitals' own data, so a silent miss cannot pass.
+any length is looked up in time linear in what was sent. Pathology looks for every run of
+8 adjacent pixels of every image (rows and columns, both directions), which any 8x8 block
+sent as it is, mirrored or rotated contains. Each search is first shown to find what it
+looks for (in the sites' own data, or in a block planted amid other values), so a silent
+miss cannot pass.
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Message
 
 from fedcare.shared import errors
 from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
+from fedcare.shared.splits import split_site
 from fedcare.shared.tasks import _molecules as mol
 from fedcare.shared.tasks.drug import TOX21
-from fedcare.shared.tasks.pathology import CROP_MARGIN, DATASETS_DIR
+from fedcare.shared.tasks.pathology import DATASETS_DIR
 from fedcare.simulation.runner import plan_federation, simulate
 
 from .test_privacy_leakage import BUDGET_WORDS
@@ -82,11 +85,18 @@ class Haystack:
 
     def found(self, needles: np.ndarray) -> np.ndarray:
         """Boolean per row of ``needles`` (m, k)."""
-        k = needles.shape[1]
+        return self.contains(_row_keys(needles), needles.shape[1])
+
+    def contains(self, wanted: np.ndarray, k: int) -> np.ndarray:
+        """Boolean per key (of a run of ``k`` values, as ``_row_keys`` computes it)."""
         if k not in self._keys:
             parts = [_run_keys(a, k) for a in self.arrays]
-            self._keys[k] = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
-        return np.isin(_row_keys(needles), self._keys[k])
+            self._keys[k] = np.sort(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+        keys = self._keys[k]
+        if not len(keys):
+            return np.zeros(len(wanted), dtype=bool)
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        return keys[at] == wanted
 
 
 class Sent:
@@ -117,18 +127,37 @@ class Sent:
             for name, record in content.config_records.items():
                 self.records.append((node, name))
                 self.strings.append(name)
-                for key, value in record.items():
-                    self.strings.append(key)
-                    for v in value if isinstance(value, list) else [value]:
-                        if isinstance(v, str):
-                            self.strings.append(v)
-                            self.config_values.append(v)
-                        elif isinstance(v, bytes):
-                            self.blobs.append(v)
+                self._values(record, config=True)
             for name, record in content.metric_records.items():
                 self.records.append((node, name))
-                self.strings += [name, *record.keys()]
+                self.strings.append(name)
+                self._values(record, config=False)
         self.hay = Haystack(self.arrays)
+
+    def _values(self, record, *, config: bool) -> None:
+        """Keys as strings; strings and bytes; numbers (scalars in key order, lists) as arrays."""
+        scalars = []
+        for key, value in record.items():
+            self.strings.append(key)
+            values = value if isinstance(value, list) else [value]
+            numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if isinstance(value, list) and numbers:
+                self.arrays.append(np.asarray(numbers))
+            elif numbers:
+                scalars += numbers
+            for v in values:
+                if isinstance(v, str):
+                    self.strings.append(v)
+                    if config:
+                        self.config_values.append(v)
+                elif isinstance(v, bytes):
+                    self.blobs.append(v)
+                    self.arrays.append(np.frombuffer(v, dtype=np.uint8))
+                    for dtype in (np.float32, np.float64, np.int64):
+                        if len(v) % np.dtype(dtype).itemsize == 0:
+                            self.arrays.append(np.frombuffer(v, dtype=dtype))
+        if scalars:
+            self.arrays.append(np.asarray(scalars))
 
     def leaked_texts(self, texts) -> list[str]:
         """Texts found in any string sent (as a whole, or inside one when 5+ characters
@@ -143,6 +172,9 @@ class Sent:
 
     def leaked_rows(self, needles: np.ndarray) -> np.ndarray:
         return needles[self.hay.found(needles)]
+
+    def leaked_runs(self, keys: np.ndarray, k: int) -> int:
+        return int(self.hay.contains(keys, k).sum())
 
 
 def _informative(rows: np.ndarray, least: int = 3) -> np.ndarray:
@@ -210,10 +242,11 @@ def test_drug_replies_hold_no_molecule_and_errors_are_generic(tmp_path: Path) ->
 
     # no SMILES (as written, as RDKit canonicalises it) and no record id in any string or bytes
     task = get_task("drug")
-    canonical = np.concatenate([task.read_file(p, "tox21").data.smiles for p in [*training, refusing]]).tolist()
+    files = [task.read_file(p, "tox21") for p in [*training, refusing]]
+    canonical = np.concatenate([r.data.smiles for r in files]).tolist()
     assert len(canonical) > 130
     texts = [r["smiles"] for r in pick] + canonical + [r["mol_id"] for r in pick] + [secret, "SECRET-MOL-7731"]
-    assert not sent.leaked_texts(texts)
+    assert not (found := sent.leaked_texts(texts)), found[:5]
     assert set(sent.config_values) <= {"north", "south", "east", "west"}
 
     # no encoded molecule in any array: descriptor rows raw and standardised (as the
@@ -222,10 +255,10 @@ def test_drug_replies_hold_no_molecule_and_errors_are_generic(tmp_path: Path) ->
         prep = {k: npz[k] for k in npz.files}
     resolved = cfg.resolved(task.defaults)
     desc = mol.descriptors(canonical)
-    files = [task.read_file(p, "tox21") for p in [*training, refusing]]
     scaled = np.concatenate([task.to_dataset(r, prep, resolved, train=False).tensors[0].numpy() for r in files])
     assert scaled.shape == desc.shape and not np.allclose(scaled, desc)
-    tokens = np.concatenate([mol.tokens(canonical), mol.tokens([r["smiles"] for r in pick])])
+    smiles_texts = canonical + [r["smiles"] for r in pick] + [secret]
+    tokens = mol.tokens(smiles_texts)
     long_enough = (tokens != mol.PAD).sum(axis=1) >= 12
     props = mol.MACCS_BITS
     needles = {
@@ -236,10 +269,12 @@ def test_drug_replies_hold_no_molecule_and_errors_are_generic(tmp_path: Path) ->
         "property run": np.concatenate([desc[:, props + i:props + i + 8] for i in range(0, 33, 8)]),
         "standardised run": np.concatenate([scaled[:, i:i + 8] for i in range(0, desc.shape[1] - 7, 8)]),
         "token run": tokens[long_enough, :12],
+        "SMILES character-code run": np.stack([np.frombuffer(t[:12].encode(), np.uint8) for t in smiles_texts
+                                               if len(t) >= 12]),
     }
     for name in ("property run", "standardised run"):
         needles[name] = needles[name][_informative(needles[name])]
-    own = Haystack([desc, scaled, tokens, needles["Morgan fingerprint"]])
+    own = Haystack([desc, scaled, tokens, needles["Morgan fingerprint"], needles["SMILES character-code run"]])
     for name, rows in needles.items():
         assert len(rows) > 100 and own.found(rows).all(), name  # the search finds what is there
         leaked = sent.leaked_rows(rows)
@@ -264,16 +299,27 @@ def _pathology_hospital(root: Path, offset: int) -> Path:
     return root
 
 
-def _block_rows(images: np.ndarray, corners: list[tuple[int, int, int]], channels_last: bool) -> np.ndarray:
-    """Rows of the 8x8 blocks at (image, y, x): 24 interleaved values (HWC) or 8 per channel (CHW)."""
-    rows = []
-    for i, y, x in corners:
-        for r in range(BLOCK):
-            if channels_last:
-                rows.append(images[i, y + r, x:x + BLOCK, :].ravel())
-            else:
-                rows += [images[i, c, y + r, x:x + BLOCK] for c in range(images.shape[1])]
-    return np.stack(rows)
+def _pixel_runs(images: np.ndarray, *, channels_last: bool) -> tuple[np.ndarray, int]:
+    """(keys, run length) of every run of 8 adjacent pixels with 3+ distinct values.
+
+    Runs along rows and along columns, each in both directions (an image sent flipped or
+    rotated by 90 degrees holds them too); 8 values per channel for (N, C, H, W), 24
+    interleaved values for (N, H, W, C). Any 8x8 block sent as it is, transposed or
+    mirrored holds 8 such runs per channel.
+    """
+    a = np.asarray(images)
+    h, w = (1, 2) if channels_last else (2, 3)
+    width = a.shape[-1] if channels_last else 1
+    k = BLOCK * width
+    keys = []
+    for view in (a, np.swapaxes(a, h, w)):
+        for v in (view, np.flip(view, axis=w)):
+            rows = _fixed(np.ascontiguousarray(v)).reshape(-1, v.shape[w] * width)
+            runs = np.lib.stride_tricks.sliding_window_view(rows, k, axis=1)[:, ::width]  # (rows, starts, k)
+            distinct = (np.diff(np.sort(runs, axis=-1), axis=-1) != 0).sum(axis=-1) + 1
+            hashed = (runs.view(np.uint64) * _powers(_P, k)).sum(axis=-1, dtype=np.uint64)
+            keys.append(hashed[distinct >= 3])
+    return np.concatenate(keys), k
 
 
 def test_pathology_replies_hold_no_pixel_block_and_errors_are_generic(tmp_path: Path) -> None:
@@ -300,46 +346,37 @@ def test_pathology_replies_hold_no_pixel_block_and_errors_are_generic(tmp_path: 
     paths = [p for r in records for p in r.data.paths.tolist()]
     assert len(paths) == 24
     texts = paths + [Path(p).name for p in paths] + [Path(p).stem for p in paths] + ["SECRET-SLIDE-4412"]
-    assert not sent.leaked_texts(texts)
+    assert not (found := sent.leaked_texts(texts)), found[:5]
     assert set(sent.config_values) <= {"north", "south"}
 
+    # every image, in every form a site holds it: decoded uint8, /255, stain-normalised (a
+    # site normalises its train and its test set, each as one set), and the standardised
+    # float tensor the model evaluates (centre crop); in HWC and CHW layouts
     with np.load(out / "preprocess.npz") as npz:
         prep = {k: npz[k] for k in npz.files}
-    rng = np.random.default_rng(3)
-    needles: dict[str, np.ndarray] = {}
-    own_arrays = []
-
-    def add(name: str, rows: np.ndarray, keep: np.ndarray) -> None:
-        needles[name] = np.concatenate([needles.get(name, rows[:0]), rows[keep]])
-
-    for rec in records:
+    forms: dict[str, list[np.ndarray]] = {}
+    sites = [split_site(task, h.name, r, task.test_fraction, resolved.seed) for h, r in zip(hospitals, records)]
+    for rec in [s.train for s in sites] + [s.test for s in sites]:
+        assert len(rec) >= 4
         raw = rec.data.images  # (N, 96, 96, 3) uint8, as the hospital decoded them
-        prepared = task.prepare_images(raw, prep, resolved)  # (N, 3, 96, 96) uint8, stain-normalised
+        prepared = task.prepare_images(raw, prep, resolved).numpy()  # (N, 3, 96, 96) uint8
         model_input = task.to_dataset(rec, prep, resolved, train=False).batch(range(len(rec)))[0].numpy()
-        # blocks inside the evaluation crop, so each also lies in the model's input tensor
-        lo, hi = CROP_MARGIN // 2, raw.shape[1] - CROP_MARGIN // 2 - BLOCK
-        corners = [(i, int(y), int(x)) for i in range(len(raw)) for y, x in rng.integers(lo, hi + 1, size=(3, 2))]
-        shifted = [(i, y - lo, x - lo) for i, y, x in corners]
-        hwc = _block_rows(raw, corners, channels_last=True)
-        keep_hwc = _informative(hwc, 6)
-        chw = _block_rows(raw.transpose(0, 3, 1, 2), corners, channels_last=False)
-        norm = _block_rows(prepared.numpy(), corners, channels_last=False)
-        keep_chw, keep_norm = _informative(chw), _informative(norm)
-        add("raw pixel row (HWC uint8)", hwc, keep_hwc)
-        add("raw pixel row (HWC /255)", hwc.astype(np.float32) / 255, keep_hwc)
-        add("raw channel row (CHW uint8)", chw, keep_chw)
-        add("raw channel row (CHW /255)", chw.astype(np.float32) / 255, keep_chw)
-        add("stain-normalised row (uint8)", norm, keep_norm)
-        add("stain-normalised row (/255)", norm.astype(np.float32) / 255, keep_norm)
-        add("model input row (standardised float)", _block_rows(model_input, shifted, channels_last=False),
-            keep_norm)
-        own_arrays += [raw, raw.astype(np.float32) / 255, raw.transpose(0, 3, 1, 2),
-                       raw.transpose(0, 3, 1, 2).astype(np.float32) / 255, prepared.numpy(),
-                       prepared.numpy().astype(np.float32) / 255, model_input]
-    own = Haystack(own_arrays)
-    for name, rows in needles.items():
-        assert len(rows) > 200 and own.found(rows).all(), name  # the search finds what is there
-        leaked = sent.leaked_rows(rows)
-        assert len(leaked) == 0, f"{len(leaked)} {name}(s) of 8x8 blocks found in what hospitals sent"
+        for name, chw in (("decoded", raw.transpose(0, 3, 1, 2)), ("decoded /255", raw.transpose(0, 3, 1, 2) / 255),
+                          ("stain-normalised", prepared), ("stain-normalised /255", prepared / 255),
+                          ("model input", model_input)):
+            chw = chw.astype(np.float32) if chw.dtype == np.float64 else chw
+            forms.setdefault(name, []).append(chw)
+    noise = np.random.default_rng(0).normal(size=500)
+    for name, parts in forms.items():
+        for layout, channels_last in (("CHW", False), ("HWC", True)):
+            images = np.concatenate([p.transpose(0, 2, 3, 1) if channels_last else p for p in parts])
+            keys, k = _pixel_runs(images, channels_last=channels_last)
+            assert len(keys) > 100_000, (name, layout)
+            # the search finds a block of it sent on its own, as float64, amid other values
+            block = images[3, 40:48, 40:48] if channels_last else images[3, :, 40:48, 40:48]
+            control = Haystack([np.concatenate([noise, np.ravel(block).astype(np.float64), noise])])
+            assert control.contains(keys, k).sum() >= BLOCK, (name, layout)
+            leaked = sent.leaked_runs(keys, k)
+            assert leaked == 0, f"{leaked} runs of 8 pixels ({name}, {layout}) found in what hospitals sent"
 
     _check_errors(sent, refusing=set(), invalid={3})
