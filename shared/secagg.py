@@ -21,6 +21,8 @@ Z_{2^64} (numpy's uint64 wraps exactly so).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import math
 import os
 import secrets
@@ -50,15 +52,25 @@ def new_private_key() -> bytes:
 
 
 def public_key(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        RAW, serialization.PublicFormat.Raw)
+    return _private(private).public_key().public_bytes(RAW, serialization.PublicFormat.Raw)
 
 
 def agree(private: bytes, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
     """A 32-byte key both ends derive alone: HKDF over the X25519 shared secret."""
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    shared = _private(private).exchange(_public(peer_public))
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedcare-secagg/" + purpose + b"/" + context
                 ).derive(shared)
+
+
+@lru_cache(maxsize=512)
+def _private(raw: bytes) -> X25519PrivateKey:
+    """Key objects per raw key: a site agrees with every peer twice a round from one key."""
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+@lru_cache(maxsize=4096)
+def _public(raw: bytes) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(raw)
 
 
 # ---- PRG and fixed point -------------------------------------------------------------
