@@ -8,10 +8,14 @@ over seeds, default settings otherwise) for the 64-32 MLP and logistic regressio
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import argparse
 import math
 import statistics
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
 from bench.heart import mean_site_accuracy
 
 

@@ -20,6 +20,8 @@ Prints:
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import resource
 import tempfile
@@ -29,36 +31,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.timers import clock, timed
 from fedcare.client import training
 from fedcare.shared.config import RunConfig
 from fedcare.simulation import runner
-
-_clock = {"client": 0.0, "loops": 0.0}
-
-
-class TimedClientApp:
-    """The real ClientApp, with the time spent inside it accumulated."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    def __call__(self, message, context):
-        t = time.perf_counter()
-        try:
-            return self.app(message, context)
-        finally:
-            _clock["client"] += time.perf_counter() - t
-
-
-def _timed_loop(fn):
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _clock["loops"] += time.perf_counter() - t
-    return wrapper
-
 
 def write_sites(folder: Path, sites: int, records: int, seed: int) -> list[Path]:
     from sklearn.datasets import load_breast_cancer
@@ -83,9 +60,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=24)
     args = parser.parse_args()
-    runner.client_app = TimedClientApp(runner.client_app)
-    training.train = _timed_loop(training.train)
-    training.evaluate = _timed_loop(training.evaluate)
+    runner.client_app = timed(runner.client_app, "client")
+    training.train = timed(training.train, "loops")
+    training.evaluate = timed(training.evaluate, "loops")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths = write_sites(tmp, args.sites, args.records, seed=0)
@@ -101,11 +78,11 @@ def main() -> None:
     n = args.sites
     print(f"plan_s_{n}_sites={plan_s:.2f}")
     print(f"wall_s_{n}_sites={wall:.2f}")
-    print(f"client_compute_s_{n}_sites={_clock['client']:.2f}")
-    print(f"sgd_loops_s_{n}_sites={_clock['loops']:.2f}")
+    print(f"client_compute_s_{n}_sites={clock['client']:.2f}")
+    print(f"sgd_loops_s_{n}_sites={clock['loops']:.2f}")
     print(f"rss_mb_{n}_sites={rss_mb:.0f}")
-    print(f"overhead_{n}_sites={wall / _clock['client']:.3f}")
-    print(f"overhead_vs_sgd_loops_{n}_sites={wall / _clock['loops']:.3f}")
+    print(f"overhead_{n}_sites={wall / clock['client']:.3f}")
+    print(f"overhead_vs_sgd_loops_{n}_sites={wall / clock['loops']:.3f}")
 
 
 if __name__ == "__main__":

@@ -22,50 +22,28 @@ RDP analysis at ~20 noise levels), which the strict ratio counts as overhead.
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import math
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.timers import clock, timed
 from fedcare.client import training
 from fedcare.shared.config import RunConfig
 from fedcare.simulation import runner
 from fedcare.simulation.runner import plan_federation, simulate
 
-_compute = [0.0]
-_client = [0.0]
-
-
-class TimedClientApp:
-    def __init__(self, app) -> None:
-        self.app = app
-
-    def __call__(self, message, context):
-        t = time.perf_counter()
-        try:
-            return self.app(message, context)
-        finally:
-            _client[0] += time.perf_counter() - t
-
-
-def _timed(fn):
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _compute[0] += time.perf_counter() - t
-    return wrapper
-
-
 def inprocess(rounds: int, tmp: Path, tag: str, epsilon: float = 1.0) -> tuple[float, float]:
     cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": rounds})
     fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
-    _compute[0] = _client[0] = 0.0
+    clock.clear()
     t = time.perf_counter()
     simulate(cfg, fed, out=tmp / tag)
-    return time.perf_counter() - t, _compute[0]
+    return time.perf_counter() - t, clock["compute"]
 
 
 def main() -> None:
@@ -73,9 +51,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds)
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
-    training.train = _timed(training.train)
-    runner.client_app = TimedClientApp(runner.client_app)
-    training.evaluate = _timed(training.evaluate)
+    training.train = timed(training.train, "compute")
+    runner.client_app = timed(runner.client_app, "client")
+    training.evaluate = timed(training.evaluate, "compute")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         inprocess(2, tmp, "warm")
@@ -83,13 +61,13 @@ def main() -> None:
         print(f"rounds={args.rounds or 'task default'}")
         print(f"inprocess_wall_s={wall:.3f}")
         print(f"local_compute_s={compute:.3f}")
-        print(f"clientapp_s={_client[0]:.3f}")
+        print(f"clientapp_s={clock['client']:.3f}")
         print(f"sim_overhead={wall / compute:.3f}")
-        print(f"sim_overhead_vs_clientapp={wall / _client[0]:.3f}", flush=True)
+        print(f"sim_overhead_vs_clientapp={wall / clock['client']:.3f}", flush=True)
         # The same job without DP: what the harness costs when no noise is calibrated.
         wall, compute = inprocess(args.rounds, tmp, "nodp", epsilon=math.inf)
         print(f"sim_overhead_nodp={wall / compute:.3f}")
-        print(f"sim_overhead_nodp_vs_clientapp={wall / _client[0]:.3f}", flush=True)
+        print(f"sim_overhead_nodp_vs_clientapp={wall / clock['client']:.3f}", flush=True)
         if args.no_ray:
             return
         small, _ = inprocess(3, tmp, "small")
