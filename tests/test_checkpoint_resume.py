@@ -150,7 +150,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
 def test_cli_resume_of_a_folder_without_checkpoint_fails_cleanly(tmp_path):
     from typer.testing import CliRunner
 
-    from fedcare.shared.cli import _attach, app, main  # noqa: F401
+    from fedcare.shared.cli import _attach, app
 
     (tmp_path / "run.partial").mkdir()
     _attach()
