@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import os
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -56,10 +57,20 @@ class _Job:
         self.config = _message_config(msg)
         self.site: Site = load_site(self.task, self.cfg, self.site_cfg)
 
-    @property
+    @cached_property
     def prep(self) -> dict[str, np.ndarray]:
         content = self.msg.content
         return to_numpy(content["preprocess"]) if "preprocess" in content.array_records else {}
+
+    @cached_property
+    def global_arrays(self) -> dict[str, np.ndarray]:
+        """The message's global model, decoded once per message."""
+        return to_numpy(self.msg.content["arrays"])
+
+    @cached_property
+    def prior(self) -> "_Prior":
+        """What this data set released before this run: the ledger, read and verified once."""
+        return _Prior(self)
 
     def model(self) -> torch.nn.Module:
         """Global shared arrays from the message plus this site's local parameters."""
@@ -68,7 +79,7 @@ class _Job:
             torch.manual_seed(self.cfg.seed)  # first sight: local parameters start reproducibly
         model = self.task.build_model(self.cfg)
         shared = set(self.task.shared_state(model))
-        load_into_partial(model, to_numpy(self.msg.content["arrays"]), shared)
+        load_into_partial(model, self.global_arrays, shared)
         if LOCAL_STATE in self.context.state.array_records:
             local = to_numpy(self.context.state.array_records[LOCAL_STATE])
             load_into_partial(model, local, set(self.task.local_state(model)))
@@ -153,7 +164,7 @@ def train(job: _Job) -> RecordDict:
     state = _privacy_state(job, len(data))
 
     sigma = state.noise_multiplier if state is not None else None
-    prior = _prior(job)
+    prior = job.prior
     if state is not None:
         _, steps = training.steps_per_round(len(data), job.cfg)
         over, eps_after = privacy.round_would_exceed(prior.history, state, steps, job.site_cfg.epsilon,
@@ -177,8 +188,7 @@ def train(job: _Job) -> RecordDict:
         job.context.state.array_records[LOCAL_STATE] = to_record(local)
 
     shared = {k: v.detach().cpu().numpy() for k, v in job.task.shared_state(model).items()}
-    name, update = updates.outgoing(job.msg, job.context, job.cfg, shared, to_numpy(job.msg.content["arrays"]),
-                                    len(data))
+    name, update = updates.outgoing(job.msg, job.context, job.cfg, shared, job.global_arrays, len(data))
     return RecordDict({
         name: update,
         "metrics": MetricRecord({
@@ -215,7 +225,7 @@ def _privacy_state(job: _Job, n_train: int) -> privacy.PrivacyState | None:
         return privacy.PrivacyState.from_record(dict(records[PRIVACY_STATE]))
     q, steps = training.steps_per_round(n_train, job.cfg)
     planned = steps * job.cfg.num_rounds
-    prior = _prior(job).history
+    prior = job.prior.history
     try:
         sigma = privacy.calibrate_noise(prior, q, planned, job.site_cfg.epsilon, job.site_cfg.delta)
     except ValueError:
@@ -258,10 +268,6 @@ class _Prior:
             "epsilon": eps, "delta": job.site_cfg.delta,
             "budget_epsilon": job.site_cfg.epsilon,
         })
-
-
-def _prior(job: _Job) -> _Prior:
-    return _Prior(job)
 
 
 def _run_tag(context: Context) -> str:

@@ -195,9 +195,7 @@ def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
 
 
 def _check_stats(msg: Message, totals: dict[str, np.ndarray] | None) -> validation.Verdict:
-    if msg.has_error():
-        return validation.Verdict(False, f"error reply (code {msg.error.code}): {msg.error.reason}")
-    verdict = validation.check_metrics(msg)
+    verdict = validation.answered(msg)
     if not verdict.ok:
         return verdict
     if set(msg.content.array_records) != {"stats"}:
@@ -333,11 +331,11 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
         total += n
     folder.append_metrics(rows)
     glob = {k: v / total for k, v in weighted.items()} if total else {}
-    eps = [s.epsilon for s in sites.values() if not math.isnan(s.epsilon)]
-    folder.append_round({"round": rnd, "sites_evaluated": len(rows), "max_epsilon": max(eps) if eps else None,
-                         **glob})
+    max_eps = _max_epsilon(sites)
+    folder.append_round({"round": rnd, "sites_evaluated": len(rows),
+                         "max_epsilon": max_eps if math.isfinite(max_eps) else None, **glob})
     observer.round_done(rnd, cfg.num_rounds, task.main_metric, glob.get(task.main_metric, math.nan),
-                        max(eps) if eps else math.inf, problems)
+                        max_eps, problems)
     return glob.get(task.main_metric)
 
 
@@ -366,6 +364,6 @@ def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, An
             summary[f"mean_site_{metric}"] = float(np.mean(vals))
     summary.update(task.summarize(per_site))
     summary["missing_sites"] = sorted(s.name for s in sites.values() if s.missed and s.missed[-1] == cfg.num_rounds)
-    eps = [s.epsilon for s in sites.values() if not math.isnan(s.epsilon)]
-    summary["max_epsilon"] = max(eps) if eps else None
+    max_eps = _max_epsilon(sites)
+    summary["max_epsilon"] = max_eps if math.isfinite(max_eps) else None
     return summary

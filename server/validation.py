@@ -64,7 +64,7 @@ _NAN_OK = {"roc_auc", "precision", "recall", "f1", "loss"}
 
 def check_train_reply(msg: Message, reference: dict[str, np.ndarray], max_update_norm: float) -> Verdict:
     """Arrays as the global model (names, shapes, dtypes), finite, bounded update."""
-    verdict = _answered(msg)
+    verdict = answered(msg)
     if not verdict.ok:
         return verdict
     content = msg.content
@@ -122,7 +122,7 @@ def _check_extra(msg: Message) -> Verdict:
 
 def check_masked_reply(msg: Message, length: int) -> Verdict:
     """A secure-aggregation reply: one masked Z_2^64 vector of the layout's length."""
-    verdict = _answered(msg)
+    verdict = answered(msg)
     if not verdict.ok:
         return verdict
     content = msg.content
@@ -139,13 +139,13 @@ def check_masked_reply(msg: Message, length: int) -> Verdict:
 
 
 def check_evaluate_reply(msg: Message) -> Verdict:
-    verdict = _answered(msg)
+    verdict = answered(msg)
     if verdict.ok and msg.content.array_records:
         return Verdict(False, "evaluate reply must not carry arrays")
     return verdict
 
 
-def _answered(msg: Message) -> Verdict:
+def answered(msg: Message) -> Verdict:
     """A reply with content (not an error) whose metrics are well-formed."""
     if msg.has_error():
         return Verdict(False, f"error reply (code {msg.error.code}): {msg.error.reason}")
