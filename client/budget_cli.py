@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         table = Table("data set", "runs", "rounds", "ε spent", "δ", "ε budget", "ε left", "ledger",
                       title=f"Privacy ledger {directory}")
         table.columns[0].overflow = "fold"
+        for column in table.columns[1:]:
+            column.no_wrap = True  # numbers stay whole; only the data-set name folds
         found = rows(directory, delta)
         tampered = False
         for r in found:
