@@ -14,12 +14,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from . import charts
 
 FILE = "report.html"
 #: Beyond this many sites the per-round, per-site table is summarised, not listed.
@@ -68,11 +69,6 @@ def _img(png: bytes, alt: str) -> str:
 
 def _site_bars(summary: Mapping[str, Any]) -> bytes | None:
     """Final main metric and ε per site as two bar charts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sites = summary.get("sites", {})
     if not sites or len(sites) > MAX_SITE_ROWS:
         return None
@@ -80,23 +76,12 @@ def _site_bars(summary: Mapping[str, Any]) -> bytes | None:
     names = list(sites)
     vals = [float(sites[n].get(metric) or math.nan) for n in names]
     eps = [sites[n].get("epsilon") for n in names]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
-    a1.bar(names, vals, color="#3b7dd8")
-    a1.set(title=f"Final test {metric} per site", ylim=(0, 1) if metric in ("accuracy", "f1", "roc_auc") else None)
+    left = charts.Panel(f"Final test {metric} per site", bars=list(zip(names, vals)),
+                        ylim=(0.0, 1.0) if metric in ("accuracy", "f1", "roc_auc") else None)
+    right = charts.Panel("ε spent per site", bar_color="#d8703b", note="no DP (ε = ∞)")
     if any(e is not None for e in eps):
-        a2.bar(names, [e or 0.0 for e in eps], color="#d8703b")
-        a2.set(title="ε spent per site")
-    else:
-        a2.text(0.5, 0.5, "no DP (ε = ∞)", ha="center", va="center", transform=a2.transAxes)
-        a2.set(title="ε spent per site")
-    for ax in (a1, a2):
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+        right.bars = [(n, float(e or 0.0)) for n, e in zip(names, eps)]
+    return charts.png_bytes([left, right], size=(1100, 380))
 
 
 def build(folder: Path) -> str:

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from . import charts
+
 METRIC_COLUMNS = ["round", "site", "node_id", "status", "num_train", "num_test", "train_loss",
                   "steps", "noise_multiplier", "epsilon", "delta", "loss"]
 
@@ -173,58 +175,40 @@ def _fmt(value: Any) -> Any:
 MAX_PLOTTED_SITES = 12
 
 
-def _plot_spread(ax, rows: list[dict[str, str]], column: str) -> None:
+def _spread(rows: list[dict[str, str]], column: str, label: str) -> list[charts.Band]:
     by_round: dict[int, list[float]] = {}
     for r in rows:
         if r.get(column) not in (None, "") and r.get("phase", "evaluate") == "evaluate":
             by_round.setdefault(int(r["round"]), []).append(float(r[column]))
     if not by_round:
-        return
+        return []
     rounds = sorted(by_round)
     q = np.array([np.nanpercentile(by_round[k], [10, 50, 90]) for k in rounds])
-    ax.fill_between(rounds, q[:, 0], q[:, 2], alpha=0.25, label="sites, 10-90 %")
-    ax.plot(rounds, q[:, 1], marker="o", ms=3, label="sites, median")
+    return [charts.Band(f"{label}, median and 10-90 %", rounds, q[:, 0], q[:, 1], q[:, 2])]
 
 
 def plot_progress(folder: Path, metric: str) -> Path:
     """PNG: the main test metric per site and globally, and ε per site, per round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with (folder / "metrics.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     with (folder / "rounds.csv").open(newline="") as fh:
         rounds = list(csv.DictReader(fh))
     sites = sorted({r["site"] for r in rows})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left = charts.Panel(f"Test {metric} per round", "round", f"test {metric}")
+    right = charts.Panel("Privacy spent per site", "round", "ε spent (cumulative)", note="no DP (ε = ∞)")
     if len(sites) > MAX_PLOTTED_SITES:
-        _plot_spread(ax1, rows, metric)
-        _plot_spread(ax2, rows, "epsilon")
+        left.bands = _spread(rows, metric, "sites")
+        right.bands = _spread(rows, "epsilon", "sites")
         sites = []
     for site in sites:
-        pts = [(int(r["round"]), float(r[metric])) for r in rows if r["site"] == site and r.get(metric)]
+        mine = [r for r in rows if r["site"] == site]
+        pts = [(int(r["round"]), float(r[metric])) for r in mine if r.get(metric)]
         if pts:
-            ax1.plot(*zip(*pts), marker="o", ms=3, label=site)
-        eps = [(int(r["round"]), float(r["epsilon"])) for r in rows
-               if r["site"] == site and r.get("epsilon") not in (None, "")]
+            left.lines.append(charts.Line(site, pts))
+        eps = [(int(r["round"]), float(r["epsilon"])) for r in mine if r.get("epsilon") not in (None, "")]
         if eps:
-            ax2.plot(*zip(*eps), marker="o", ms=3, label=site)
+            right.lines.append(charts.Line(site, eps))
     glob = [(int(r["round"]), float(r[metric])) for r in rounds if r.get(metric)]
     if glob:
-        ax1.plot(*zip(*glob), color="black", lw=2.5, label="global")
-    ax1.set(xlabel="round", ylabel=f"test {metric}", title=f"Test {metric} per round")
-    ax2.set(xlabel="round", ylabel="ε spent (cumulative)", title="Privacy spent per site")
-    ax1.legend(fontsize=8)
-    ax1.grid(alpha=0.3)
-    ax2.grid(alpha=0.3)
-    if not ax2.lines:
-        ax2.text(0.5, 0.5, "no DP (ε = ∞)", ha="center", va="center", transform=ax2.transAxes)
-    else:
-        ax2.legend(fontsize=8)
-    fig.tight_layout()
-    out = folder / "progress.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        left.lines.append(charts.Line("global", glob, color="#000000", width=3))
+    return charts.save_png([left, right], folder / "progress.png")
