@@ -284,13 +284,14 @@ def _run_tag(context: Context) -> str:
 
 
 def _spent(job: _Job) -> float:
+    """ε this data set has spent: this run's rounds on top of every earlier run's (the ledger)."""
     if not job.site_cfg.private:
         return -1.0
     records = job.context.state.config_records
-    if PRIVACY_STATE not in records:
-        return 0.0
-    state = privacy.PrivacyState.from_record(dict(records[PRIVACY_STATE]))
-    return privacy.epsilon(state.history, job.site_cfg.delta)
+    history = list(job.prior.history)
+    if PRIVACY_STATE in records:
+        history += privacy.PrivacyState.from_record(dict(records[PRIVACY_STATE])).history
+    return privacy.epsilon(history, job.site_cfg.delta) if history else 0.0
 
 
 def _stable_hash(text: str) -> int:
