@@ -33,7 +33,7 @@ from ..shared.registry import get_task
 from ..shared.tasks.base import Site, Task
 from . import ledger as ledger_mod
 from . import privacy, training, updates
-from .site import load_site, prepared
+from .site import load_site, prepared, prepared_records
 
 log = logging.getLogger("fedcare.client")
 
@@ -213,6 +213,11 @@ def evaluate(job: _Job) -> RecordDict:
     metrics: dict[str, float | int] = {"num-examples": len(data), "loss": loss,
                                        "epsilon": eps, "delta": job.site_cfg.delta if eps >= 0 else 0.0}
     metrics.update({k: float(v) for k, v in scores.items()})
+    if job.site.val is not None and len(job.site.val):
+        val = prepared_records(job.task, job.site.val, job.prep, job.cfg, train=False)
+        val_scores, val_loss = training.evaluate(job.task, model, val)
+        metrics.update({"num-val": len(val), "val_loss": val_loss})
+        metrics.update({f"val_{k}": float(v) for k, v in val_scores.items()})
     return RecordDict({"metrics": MetricRecord(metrics), "site": job.site_record()})
 
 

@@ -51,9 +51,30 @@ def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
         site = sites[site_cfg.partition_id]
     else:
         raise ConfigError("node config names no data: set data=PATH (or partition-id in simulation)")
+    if cfg.val_fraction > 0:
+        site = with_validation(task, site, cfg.val_fraction, cfg.seed)
     if site_cfg.site:
-        site = Site(name=site_cfg.site, train=site.train, test=site.test)
+        site = Site(name=site_cfg.site, train=site.train, test=site.test, val=site.val)
     return site
+
+
+_VALIDATION: dict[tuple[int, float, int], tuple[Site, Site]] = {}
+
+
+def with_validation(task: Task, site: Site, fraction: float, seed: int) -> Site:
+    """The site with ``fraction`` of its training records held out for validation.
+
+    Split like train/test (grouped by slide, scaffold or patient; else stratified), once
+    per process: the same records object must come back on every message, because
+    prepared tensors are cached by it.
+    """
+    key = (id(site.train), fraction, seed)
+    if key not in _VALIDATION:
+        train_idx, val_idx = task.split(site.train, fraction, seed + 104_729)
+        split = Site(name=site.name, train=task.take(site.train, train_idx), test=site.test,
+                     val=task.take(site.train, val_idx))
+        _VALIDATION[key] = (site, split)  # holds ``site`` so its id is never reused
+    return _VALIDATION[key][1]
 
 
 @lru_cache(maxsize=8)
@@ -83,19 +104,24 @@ def _file_site(task_name: str, dataset: str, path: str, stamp: int, strict: bool
     return split_site(task, Path(path).stem, records, task.test_fraction, seed)
 
 
-_DATASETS: dict[tuple, Dataset] = {}
+_DATASETS: dict[tuple, tuple[Records, Dataset]] = {}
 
 
 def prepared(task: Task, site: Site, prep: dict[str, np.ndarray], cfg: RunConfig, *, train: bool) -> Dataset:
-    """Tensors for a site under the federation's preprocessing, built once and reused."""
+    """Tensors for a site's train or test records under the federation's preprocessing."""
+    return prepared_records(task, site.train if train else site.test, prep, cfg, train=train)
+
+
+def prepared_records(task: Task, records: Records, prep: dict[str, np.ndarray], cfg: RunConfig, *,
+                     train: bool) -> Dataset:
+    """Tensors for ``records`` under the federation's preprocessing, built once and reused."""
     digest = hashlib.sha256()
     for k in sorted(prep):
         digest.update(k.encode())
         digest.update(np.ascontiguousarray(prep[k]).tobytes())
-    key = (task.name, cfg.dataset, cfg.model, id(site.train), id(site.test), train, digest.hexdigest())
+    key = (task.name, cfg.dataset, cfg.model, id(records), train, digest.hexdigest())
     if key not in _DATASETS:
         if len(_DATASETS) > 4096:
             _DATASETS.clear()
-        records = site.train if train else site.test
-        _DATASETS[key] = task.to_dataset(records, prep, cfg, train=train)
-    return _DATASETS[key]
+        _DATASETS[key] = (records, task.to_dataset(records, prep, cfg, train=train))  # keeps the id alive
+    return _DATASETS[key][1]

@@ -59,6 +59,10 @@ def default_out_dir(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / f"{cfg.task}-{stamp}"
 
 
+#: The global model of the round with the best validation main metric (with ``val-fraction``).
+BEST_MODEL = "model_best_val.pt"
+
+
 def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> Path:
     """Run all rounds on ``grid`` and return the finished run folder.
 
@@ -102,13 +106,24 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
             observer.round_done(saved.round, cfg.num_rounds, task.main_metric,
                                 math.nan if saved.last_metric is None else saved.last_metric,
                                 _max_epsilon(sites), [])
+        val_column = f"val_{task.main_metric}"
+        best = folder.best_round(val_column)
         for rnd in range(first, cfg.num_rounds + 1):
             global_arrays = _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg,
                                          folder, observer)
-            metric = _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task, cfg, folder,
-                                     observer)
+            metric, val_metric = _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task,
+                                                 cfg, folder, observer)
+            if val_metric is not None and math.isfinite(val_metric) and (best is None or val_metric > best[1]):
+                folder.save_arrays(BEST_MODEL, global_arrays)
+                best = (rnd, val_metric)
             _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric)
         summary = _summary(task, cfg, sites)
+        if best is not None:
+            summary["validation"] = {
+                "val_fraction": cfg.val_fraction, "best_round": best[0], f"best_val_{task.main_metric}": best[1],
+                f"test_{task.main_metric}_at_best_round": folder.round_value(best[0], task.main_metric),
+                "model": BEST_MODEL,
+            }
         summary.update(central_dp.report(strategy, cfg))
         folder.write_summary(summary)
         folder.save_model(global_arrays, prep)
@@ -305,7 +320,7 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
     replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
     rows, problems = [], []
     weighted: dict[str, float] = {}
-    total = 0
+    totals: dict[str, int] = {}
     for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
         node = msg.metadata.src_node_id
         site = sites.get(node)
@@ -318,25 +333,27 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
             continue
         m = {k: float(v) for k, v in msg.content.metric_records["metrics"].items()}
         n = int(m.pop("num-examples"))
+        n_val = int(m.pop("num-val", 0))
         m.pop("epsilon", None)
         m.pop("delta", None)
         site.num_test, site.last_eval, site.last_eval_round = n, m, rnd
         rows.append({"round": rnd, "site": site.name, "node_id": node, "status": "ok", "phase": "evaluate",
-                     "num_train": site.num_train, "num_test": n,
+                     "num_train": site.num_train, "num_test": n, **({"num_val": n_val} if n_val else {}),
                      "epsilon": site.epsilon if not math.isnan(site.epsilon) else None,
                      "delta": site.delta if not math.isnan(site.delta) else None, **m})
         for k, v in m.items():
-            if math.isfinite(v):
-                weighted[k] = weighted.get(k, 0.0) + v * n
-        total += n
+            weight = n_val if k.startswith("val_") else n
+            if math.isfinite(v) and weight:
+                weighted[k] = weighted.get(k, 0.0) + v * weight
+                totals[k] = totals.get(k, 0) + weight
     folder.append_metrics(rows)
-    glob = {k: v / total for k, v in weighted.items()} if total else {}
+    glob = {k: v / totals[k] for k, v in weighted.items()}
     max_eps = _max_epsilon(sites)
     folder.append_round({"round": rnd, "sites_evaluated": len(rows),
                          "max_epsilon": max_eps if math.isfinite(max_eps) else None, **glob})
     observer.round_done(rnd, cfg.num_rounds, task.main_metric, glob.get(task.main_metric, math.nan),
                         max_eps, problems)
-    return glob.get(task.main_metric)
+    return glob.get(task.main_metric), glob.get(f"val_{task.main_metric}")
 
 
 def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, Any]:

@@ -50,12 +50,14 @@ def check_metrics(msg: Message, required: tuple[str, ...] = ("num-examples",)) -
     for key, value in metrics.items():
         if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):
             return Verdict(False, f"metric '{key}' is not a scalar number")
-        if key != "roc_auc" and not math.isfinite(float(value)) and key not in ("epsilon",):
-            if not (isinstance(value, float) and math.isnan(value) and key in _NAN_OK):
+        base = key.removeprefix("val_")
+        if base != "roc_auc" and not math.isfinite(float(value)) and key not in ("epsilon",):
+            if not (isinstance(value, float) and math.isnan(value) and base in _NAN_OK):
                 return Verdict(False, f"metric '{key}' is not finite")
-    n = metrics["num-examples"]
-    if not float(n).is_integer() or not 0 < n <= MAX_EXAMPLES:
-        return Verdict(False, f"implausible num-examples {n!r}")
+    for key in ("num-examples", "num-val"):
+        n = metrics.get(key, 1)
+        if not float(n).is_integer() or not 0 < n <= MAX_EXAMPLES:
+            return Verdict(False, f"implausible {key} {n!r}")
     return Verdict(True)
 
 

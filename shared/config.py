@@ -61,6 +61,9 @@ class RunConfig:
     partition: str = "natural"
     num_sites: int = 4
     dirichlet_alpha: float = 0.5
+    #: Share of each hospital's training records held out for validation (0 = none). The
+    #: coordinator reports validation metrics per round and keeps the best round's model.
+    val_fraction: float = 0.0
     seed: int = 0
     min_sites: int = 2
     fraction_train: float = 1.0
@@ -117,6 +120,7 @@ class RunConfig:
         need(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
         need(self.num_sites >= 1, "num-sites", "must be >= 1")
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
+        need(0 <= self.val_fraction <= 0.5, "val-fraction", "must be in [0, 0.5]")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")

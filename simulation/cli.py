@@ -57,7 +57,7 @@ def build_config(**options: Any) -> RunConfig:
     mapping.update(parse_overrides(options.pop("overrides") or []))
     names = {"task": "task", "dataset": "dataset", "model": "model", "rounds": "num-rounds",
              "strategy": "strategy", "seed": "seed", "partition": "partition", "sites": "num-sites",
-             "alpha": "dirichlet-alpha"}
+             "alpha": "dirichlet-alpha", "val_fraction": "val-fraction"}
     for opt, key in names.items():
         if options.get(opt) is not None:
             mapping[key] = options[opt]
@@ -79,6 +79,8 @@ def simulate(
     partition: Optional[str] = typer.Option(None, help="natural | iid | dirichlet"),
     sites: Optional[int] = typer.Option(None, help="Number of virtual hospitals for iid/dirichlet."),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (smaller = more skewed)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each hospital's "
+                                                 "training records held out for validation (default 0: none)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<task>-<time>)."),
     strict: bool = typer.Option(False, help="Refuse a data file with any unreadable record."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder."),
@@ -101,7 +103,8 @@ def simulate(
         folder = resume_run(resume, observer=observer)
     else:
         cfg = build_config(task=task, dataset=dataset, model=model, rounds=rounds, strategy=strategy, seed=seed,
-                           partition=partition, sites=sites, alpha=alpha, overrides=overrides)
+                           partition=partition, sites=sites, alpha=alpha, val_fraction=val_fraction,
+                           overrides=overrides)
         eps = parse_epsilon(epsilon)
         if engine == "ray":
             from .ray_engine import simulate_ray

@@ -146,3 +146,30 @@ def test_engine_with_another_number_of_hospitals_deals_the_pool_iid():
     natural = builtin_partition("diagnosis", "heart", "natural", 4, 0.5, cfg.seed)
     assert [s.name for s in sites] == ["site0", "site1"]
     assert sum(len(s.train) for s in sites) == sum(len(s.train) for s in natural)
+
+
+def test_validation_split_is_held_out_of_training_and_selects_the_best_round(tmp_path):
+    from fedcare.client.site import with_validation
+
+    task = get_task("diagnosis")
+    site = builtin_partition("diagnosis", "heart", "natural", 4, 0.5, 0)[0]
+    split = with_validation(task, site, 0.2, 0)
+    assert split is with_validation(task, site, 0.2, 0)  # one split per process: cached tensors stay valid
+    assert len(split.train) + len(split.val) == len(site.train) and len(split.test) == len(site.test)
+    rows = lambda r: {tuple(np.round(np.nan_to_num(x, nan=-999.0), 6)) for x in np.asarray(r.data, dtype=float)}  # noqa: E731
+    assert not rows(split.val) & rows(split.train)
+    assert abs(np.mean(split.val.labels) - np.mean(site.train.labels)) < 0.1  # stratified
+
+    cfg = small_config(num_rounds=3, val_fraction=0.2)
+    run = simulate(cfg, plan_federation(cfg, epsilon=1.0, delta=1e-5), out=tmp_path / "val")
+    summary = json.loads((run / "summary.json").read_text())
+    with (run / "rounds.csv").open() as fh:
+        rounds = list(csv.DictReader(fh))
+    best = max(rounds, key=lambda r: (float(r["val_accuracy"]), -int(r["round"])))
+    assert summary["validation"]["best_round"] == int(best["round"])
+    assert summary["validation"]["best_val_accuracy"] == pytest.approx(float(best["val_accuracy"]), abs=1e-5)
+    assert summary["sites"]["cleveland"]["num_train"] == len(split.train)
+    saved = torch.load(run / "model_best_val.pt")
+    assert set(saved) == set(torch.load(run / "model.pt"))
+    if summary["validation"]["best_round"] == 3:
+        assert all(torch.equal(saved[k], v) for k, v in torch.load(run / "model.pt").items())

@@ -60,11 +60,12 @@ class Records:
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital's data: a name and its train/test records."""
+    """One hospital's data: a name and its train/test (and optional validation) records."""
 
     name: str
     train: Records
     test: Records
+    val: Records | None = None
 
 
 @dataclass
