@@ -7,6 +7,7 @@ through the task's declared schema) or, in simulation, ``partition-id`` /
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from functools import lru_cache
@@ -70,7 +71,9 @@ def with_validation(task: Task, site: Site, fraction: float, seed: int) -> Site:
     """
     key = (id(site.train), fraction, seed)
     if key not in _VALIDATION:
-        train_idx, val_idx = task.split(site.train, fraction, seed + 104_729)
+        # A hospital's own test marks say nothing about validation: draw it from training.
+        pool = dataclasses.replace(site.train, test_mask=None)
+        train_idx, val_idx = task.split(pool, fraction, seed + 104_729)
         split = Site(name=site.name, train=task.take(site.train, train_idx), test=site.test,
                      val=task.take(site.train, val_idx))
         _VALIDATION[key] = (site, split)  # holds ``site`` so its id is never reused
