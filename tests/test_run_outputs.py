@@ -74,7 +74,7 @@ def test_torchscript_agrees_with_fedcare_predict(finished_run, new_cases, tmp_pa
         p_ts = torch.sigmoid(scripted(torch.from_numpy(tabular.encode(schema, table.x, prep)))).numpy()
     assert len(predicted) == 25
     np.testing.assert_allclose(p_ts, predicted, rtol=1e-5, atol=1e-6)
-    assert 0 < predicted.min() < predicted.max() < 1
+    assert 0 <= predicted.min() < predicted.max() <= 1  # float32 sigmoid may round to 1
 
 
 def test_model_card_states_sites_privacy_and_schema(finished_run):
