@@ -1,15 +1,18 @@
 """Treatment recommendation targets of issue 3.
 
-1. ACTG 175, four hospitals (IID), hybrid model, federated with DP at ε = 3 per hospital:
-   mean per-site outcome ROC-AUC (target >= 0.70) and the policy value (self-normalised
-   IPW of recommending each test patient's best predicted regimen, stratified bootstrap
-   95 % interval) next to the best single regimen's (target: policy >= best arm, point
+1. ACTG 175, four hospitals (IID), hybrid model (the default kind), federated with DP at
+   ε = 3 per hospital with ``ACTG_SETTINGS`` (batch 256, Adam lr 0.05: fewer, larger DP
+   steps; chosen on seeds 10-19, never on the reported seeds 0-2, see the README): mean
+   per-site outcome ROC-AUC (target >= 0.70) and the policy value (self-normalised IPW of
+   recommending each test patient's best predicted regimen, stratified bootstrap 95 %
+   interval) next to the best single regimen's (target: policy >= best arm, point
    estimate).
 2. Longitudinal cohort (four hospitals, natural), hybrid model without DP: NDCG@3 of
    held-out responses, federated with local patient embeddings vs the same model trained
    on the pooled records for the same number of passes (target: within 0.02).
 
     python bench/recommendation.py [--rounds 20] [--cohort-rounds 20] [--seed 0] [--seeds 3]
+                                   [--task-defaults]
 
 prints ``actg_auc_dp3=``, ``policy_value=``, ``best_single_arm_value=`` (means over the
 seeds, with per-seed values and the first seed's bootstrap intervals), ``ndcg3_fed=``,
@@ -34,6 +37,11 @@ from fedcare.shared.tasks import _policy
 from fedcare.shared.tasks.base import Records
 from fedcare.shared.tasks.recommendation import Cases
 from fedcare.simulation.runner import plan_federation, simulate
+
+#: Run-config overrides for the ACTG target (the task defaults serve both datasets; the
+#: longitudinal target runs on them). With ~400 patients per hospital a batch of 256 is
+#: about two Poisson batches a round: less noise per step at the same ε.
+ACTG_SETTINGS = {"batch-size": 256, "lr": 0.05}
 
 
 def federated(dataset: str, epsilon: float, rounds: int, seed: int, overrides: dict) -> dict:
@@ -83,11 +91,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="ACTG seeds (splits, hospitals, init)")
     parser.add_argument("--skip-actg", action="store_true")
     parser.add_argument("--skip-cohort", action="store_true")
+    parser.add_argument("--task-defaults", action="store_true",
+                        help="ACTG with the task's default batch size and lr instead of ACTG_SETTINGS")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     if not args.skip_actg:
-        runs = [federated("actg175", 3.0, args.rounds, seed, {}) for seed in range(args.seed, args.seed + args.seeds)]
+        settings = {} if args.task_defaults else ACTG_SETTINGS
+        print(f"actg_settings={json.dumps(settings, sort_keys=True)}")
+        runs = [federated("actg175", 3.0, args.rounds, seed, settings)
+                for seed in range(args.seed, args.seed + args.seeds)]
         s = runs[0]
         aucs = [r["mean_site_roc_auc"] for r in runs]
         print(f"actg_auc_dp3={np.mean(aucs):.4f}")
@@ -99,6 +112,9 @@ def main() -> None:
             lo, hi = s[f"{key}_ci"]
             print(f"{key}_ci_seed{args.seed}={lo:.4f},{hi:.4f}")
         print(f"best_single_arm_per_seed={','.join(str(r['best_single_arm']) for r in runs)}")
+        shares = np.mean([[m.get(f"recommended_share_a{a}", np.nan) for a in range(4)]
+                          for r in runs for m in r["sites"].values()], axis=0)
+        print(f"recommended_share_per_arm={','.join(f'{v:.2f}' for v in shares)}")
         print(f"policy_value_ht={np.mean([r['policy_value_ht'] for r in runs]):.4f}")
         print(f"target_auc_met={np.mean(aucs) >= 0.70}")
         wins = sum(r["policy_value"] >= r["best_single_arm_value"] for r in runs)

@@ -113,6 +113,18 @@ def test_ipw_estimator_matches_a_hand_computed_example():
     assert _policy.pooled_summary({"all": both}, replicates=10)["policy_value"] == pytest.approx(10 / 14)
 
 
+def test_margin_policy_leaves_the_best_average_arm_only_for_a_large_predicted_gain():
+    benefit = np.array([[0.70, 0.81, 0.80],   # arm 1 better than the default by 0.01
+                        [0.60, 0.70, 0.85],   # the default is this patient's best too
+                        [0.90, 0.80, 0.78]])  # arm 0 better than the default by 0.12
+    # mean benefit per arm: 0.733, 0.770, 0.810 -> arm 2 is the default
+    assert _policy.margin_policy(benefit, 0.0).tolist() == [1, 2, 0]  # plain argmax
+    assert _policy.margin_policy(benefit, 0.05).tolist() == [2, 2, 0]
+    assert _policy.margin_policy(benefit[:, :2], 0.05).tolist() == [1, 1, 0]
+    assert _policy.margin_policy(benefit, 0.2).tolist() == [2, 2, 2]
+    assert _policy.margin_policy(np.zeros((0, 3)), 0.02).tolist() == []
+
+
 def test_ranking_metrics_match_a_hand_computed_example():
     patient = np.array([7, 7, 7, 9])  # patient 9 has one held-out response: not ranked
     predicted = np.array([0.9, 0.5, 0.1, 0.3])
@@ -163,6 +175,52 @@ def test_content_model_on_actg_reports_policy_value_with_intervals(tmp_path):
     assert summary["policy_patients"] == sum(s["num_examples"] for s in summary["sites"].values())
     assert all(0 < s["epsilon"] <= 3.0 for s in summary["sites"].values())
     assert math.isfinite(summary["mean_site_roc_auc"])
+
+
+def test_actg_treatment_effects_vary_only_with_the_declared_modifiers():
+    """The ACTG content tower's treatment-by-patient term sees antiretroviral history
+    only, and starts from none at all (a random one would be random recommendations)."""
+    cfg = config(model="content").resolved(TASK.defaults)
+    model = TASK.build_model(cfg)
+    records = TASK.builtin_sites("actg175", 0)[0].test
+    prep = TASK.finalize_stats(TASK.local_stats(records, cfg), cfg)
+    x = TASK.to_dataset(records, prep, cfg, train=False).tensors[0][:50]
+    zero = torch.zeros(len(x), dtype=torch.long)
+
+    def effects(inputs: torch.Tensor) -> torch.Tensor:  # each arm's logit minus arm 0's
+        with torch.no_grad():
+            logits = model.all_treatments(inputs, zero, torch.zeros(len(inputs)))
+        return logits - logits[:, :1]
+
+    fresh = effects(x)
+    assert torch.allclose(fresh, fresh[:1].expand_as(fresh), atol=1e-6)  # same for every patient
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # any trained state
+    names = _actg.SCHEMA.encoded_names()
+    other = x.clone()
+    for name in ("cd40", "age", "karnof", "str2", "symptom"):
+        other[:, names.index(name)] += 1.5
+    assert torch.allclose(effects(x), effects(other), atol=1e-5)
+    unused = x.clone()  # neither a risk covariate nor a modifier: no logit moves
+    for name in ("wtkg", "hemo", "race"):
+        unused[:, names.index(name)] -= 2.0
+    with torch.no_grad():
+        assert torch.equal(model.all_treatments(x, zero, torch.zeros(len(x))),
+                           model.all_treatments(unused, zero, torch.zeros(len(x))))
+    history = x.clone()
+    history[:, names.index("strat=1")], history[:, names.index("strat=3")] = 0.0, 1.0
+    assert not torch.allclose(effects(x), effects(history), atol=1e-3)
+
+
+def test_actg_split_is_stratified_on_the_outcome():
+    site = TASK.builtin_sites("actg175", 3)[0]
+    train, test = site.train.data, site.test.data
+    for strat in (1, 2, 3):
+        a, b = train.outcome[site.train.labels == strat], test.outcome[site.test.labels == strat]
+        # each (history, outcome) stratum is split 3:1 up to rounding
+        assert abs(b.sum() - 0.25 * (a.sum() + b.sum())) <= 0.5
+        assert abs(len(b) - 0.25 * (len(a) + len(b))) <= 1.0
 
 
 def test_collaborative_model_and_recommend_cli(tmp_path):

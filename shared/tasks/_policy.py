@@ -80,6 +80,24 @@ def point_estimates(arm: np.ndarray, recommended: np.ndarray, good: np.ndarray,
     return out
 
 
+def margin_policy(benefit: np.ndarray, margin: float) -> np.ndarray:
+    """Each patient's recommended arm: the arm best on average for these patients unless
+    another is predicted better for this one by more than ``margin``.
+
+    ``benefit`` [patients, arms] holds predicted probabilities of a good outcome (no
+    outcomes are seen). With noisy, DP-trained effect estimates a plain argmax follows
+    noise; the margin keeps a patient on the population's best arm unless the predicted
+    individual gain is large, as treatment rules are usually made.
+    """
+    benefit = np.asarray(benefit, dtype=np.float64)
+    if benefit.size == 0:
+        return np.zeros(len(benefit), dtype=int)
+    default = int(np.argmax(benefit.mean(axis=0)))
+    best = benefit.argmax(axis=1)
+    gain = benefit[np.arange(len(benefit)), best] - benefit[:, default]
+    return np.where(gain > margin, best, default)
+
+
 def site_metrics(arm: np.ndarray, recommended: np.ndarray, good: np.ndarray,
                  propensity: np.ndarray) -> dict[str, float]:
     """What one site reports: its own estimates, the counts and the known propensities."""

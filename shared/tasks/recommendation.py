@@ -15,7 +15,13 @@ Datasets:
 Models (run-config ``model``), all scoring one (patient, treatment) pair as a logit:
 
 * ``content``: patient covariates (an MLP) and treatment components (multi-hot) meet
-  in a dot product, plus a patient risk term and a treatment bias.
+  in a dot product, plus a patient risk term and a treatment bias. On ACTG the covariate
+  tower is linear: the risk term uses the trial's known predictors (``ACTG_RISK``, CD4,
+  CD8 and prior therapy on a log scale), the patient vector only the declared effect
+  modifier (antiretroviral history, ``strat``), so a regimen's effect may differ only by
+  history, and starts out not differing at all. ~400 patients per hospital at ε = 3
+  cannot pay for a hidden layer, 17 x 4 free interactions or weights on covariates that
+  carry little signal (measured: README).
 * ``collaborative``: a patient embedding and a treatment embedding (with bias). The
   patient embeddings (``patients.*``) are local: they stay in the hospital's
   ``Context.state`` between rounds and never leave it (``Task.local_prefixes``). Only
@@ -59,7 +65,23 @@ from .base import CheckReport, Records, Site, Task
 
 EMBEDDING_DIM = 8
 HIDDEN = 32
+#: ACTG towers: ~400 patients per hospital at ε = 3 carry too little signal for a hidden
+#: layer (DP noise grows with the parameter count); see the README for the measurements.
+ACTG_HIDDEN = 0
+ACTG_DIM = 8
+#: Effect modifiers of the ACTG content tower: antiretroviral history, the trial's
+#: stratification factor and its pre-specified subgroup (Hammer et al. 1996).
+ACTG_MODIFIERS = ("strat",)
+#: Covariates of the ACTG risk term: the trial's known predictors of the event (baseline
+#: CD4 and CD8, prior therapy, symptoms, Karnofsky score, age); every extra weight is
+#: DP noise on every prediction. Counts and days on a log scale.
+ACTG_RISK = ("age", "karnof", "symptom", "str2", "z30", "preanti", "cd40", "cd80")
+ACTG_LOGGED = ("cd40", "cd80", "preanti")
 LOCAL_PREFIX = "patients."
+#: Predicted gain over the arm best on average needed to recommend another
+#: (``_policy.margin_policy``); 0 = plain argmax. 0.02 moved the DP ε = 3 policy value
+#: by +0.008 on seeds 10-19 and -0.004 on seeds 20-29 (same trained models): no evidence.
+POLICY_MARGIN = 0.0
 
 
 @dataclass(frozen=True)
@@ -77,11 +99,47 @@ class Spec:
     slots: int
     #: Whether patients have histories, so that their own embedding means something.
     histories: bool
+    #: Hidden width of the covariate tower; 0 = linear (see ``Recommender``).
+    hidden: int = HIDDEN
+    #: Width of the patient and treatment vectors.
+    dim: int = EMBEDDING_DIM
+    #: Covariates that may modify a treatment's effect (the content tower's patient vector
+    #: sees only these; its risk term sees ``risk``). Empty = all. Linear tower only.
+    modifiers: tuple[str, ...] = ()
+    #: Covariates of the risk term (empty = all). Linear tower only.
+    risk: tuple[str, ...] = ()
+    #: Covariates entered on a log scale, log(1 + value), before federated scaling.
+    logged: tuple[str, ...] = ()
+
+    def _index(self, chosen: tuple[str, ...]) -> Optional[list[int]]:
+        if not chosen:
+            return None
+        names = self.schema.encoded_names()
+        return [i for i, n in enumerate(names) if n.split("=", 1)[0] in chosen]
+
+    def modifier_index(self) -> Optional[list[int]]:
+        """Encoded-column indices of ``modifiers`` (None = every column)."""
+        return self._index(self.modifiers)
+
+    def risk_index(self) -> Optional[list[int]]:
+        return self._index(self.risk)
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Raw covariates as the model sees them (``logged`` columns on a log scale)."""
+        if not self.logged:
+            return x
+        x = np.array(x, dtype=np.float64, copy=True)
+        for name in self.logged:
+            j = self.schema.feature_names.index(name)
+            x[:, j] = np.log1p(np.maximum(x[:, j], 0.0))
+        return x
 
 
 SPECS = {
     # ACTG patients have no history (one randomised treatment each): one placeholder slot.
-    "actg175": Spec("actg175", _actg.SCHEMA, _actg.ARMS, _actg.component_matrix(), -1, "event", 1, False),
+    "actg175": Spec("actg175", _actg.SCHEMA, _actg.ARMS, _actg.component_matrix(), -1, "event", 1, False,
+                    hidden=ACTG_HIDDEN, dim=ACTG_DIM, modifiers=ACTG_MODIFIERS, risk=ACTG_RISK,
+                    logged=ACTG_LOGGED),
     "longitudinal": Spec(
         "longitudinal",
         tabular.Schema(name="longitudinal", columns=tuple(tabular.Column(c) for c in _cohort.COVARIATES),
@@ -159,7 +217,8 @@ class Recommender(nn.Module):
     __constants__ = ["content", "collaborative"]
 
     def __init__(self, kind: str, in_dim: int, components: np.ndarray, slots: int, *,
-                 dim: int = EMBEDDING_DIM, hidden: int = HIDDEN, dropout: float = 0.0) -> None:
+                 dim: int = EMBEDDING_DIM, hidden: int = HIDDEN, dropout: float = 0.0,
+                 modifiers: Optional[Sequence[int]] = None, risk: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         self.kind = kind
         self.content = kind in ("content", "hybrid")
@@ -168,10 +227,28 @@ class Recommender(nn.Module):
         k, c = components.shape
         self.register_buffer("component_table", torch.tensor(components, dtype=torch.float32), persistent=False)
         if self.content:
-            self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-            self.patient_proj = nn.Linear(hidden, dim)
-            self.risk = nn.Linear(hidden, 1)
+            if hidden > 0:
+                self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+            else:  # linear tower: risk and patient vector are linear in the covariates
+                self.trunk = nn.Sequential(nn.Dropout(dropout))
+                hidden = in_dim
+            if modifiers is not None and hidden != in_dim:
+                raise ValueError("effect modifiers select covariates: they need the linear tower")
+            chosen = list(range(hidden)) if modifiers is None else list(modifiers)
+            self.register_buffer("modifier_index", torch.tensor(chosen, dtype=torch.long), persistent=False)
+            self.patient_proj = nn.Linear(len(chosen), dim)
+            if risk is not None and hidden != in_dim:
+                raise ValueError("risk covariates select covariates: they need the linear tower")
+            kept = list(range(hidden)) if risk is None else list(risk)
+            self.register_buffer("risk_index", torch.tensor(kept, dtype=torch.long), persistent=False)
+            self.risk = nn.Linear(len(kept), 1)
             self.treatment_proj = nn.Linear(c, dim + 1)  # a vector and a bias from the components
+            if modifiers is not None:
+                # Start from "no effect modification": a random initial bilinear term would
+                # be random per-patient treatment preferences that noisy DP steps never undo.
+                with torch.no_grad():
+                    self.treatment_proj.weight[:-1].zero_()
+                    self.treatment_proj.bias[:-1].zero_()
         if self.collaborative:
             self.treatments = nn.Embedding(k, dim + 1)
             self.patients = nn.Embedding(slots, dim)  # local: LOCAL_PREFIX
@@ -185,8 +262,8 @@ class Recommender(nn.Module):
         t = torch.zeros(treatment.shape[0], self.dim, device=treatment.device)
         if self.content:
             h = self.trunk(x)
-            p = p + self.patient_proj(h)
-            score = score + self.risk(h).squeeze(-1)
+            p = p + self.patient_proj(h.index_select(1, self.modifier_index))
+            score = score + self.risk(h.index_select(1, self.risk_index)).squeeze(-1)
             tf = self.treatment_proj(self.component_table[treatment])
             t = t + tf[:, :-1]
             score = score + tf[:, -1]
@@ -294,12 +371,30 @@ class Recommendation(Task):
         return report
 
     def input_schema(self, dataset: str) -> dict[str, Any]:
-        return {"dataset": dataset, **schema_for(dataset).describe()}
+        spec = spec_for(dataset)
+        out: dict[str, Any] = {"dataset": dataset, **spec.schema.describe()}
+        if spec.logged:  # applied before the federated standardisation
+            out["log1p_before_scaling"] = list(spec.logged)
+        return out
 
     def take(self, records: Records, index: np.ndarray) -> Records:
         index = np.asarray(index, dtype=int)
         return Records(data=records.data.take(index), labels=records.labels[index],
                        groups=None if records.groups is None else records.groups[index], source=records.source)
+
+    def split(self, records: Records, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Randomised data: stratified on antiretroviral history *and* the outcome.
+
+        A quarter of ACTG is ~535 patients, ~130 events: stratifying on the outcome keeps
+        the test event rate equal to the training one, so seeds differ less by chance.
+        """
+        from ..splits import split_indices
+
+        cases: Cases = records.data
+        if records.test_mask is not None or not (cases.propensity > 0).all():
+            return split_indices(records, test_fraction, seed)
+        both = records.labels * 2 + np.nan_to_num(cases.outcome).astype(np.int64)
+        return split_indices(Records(data=cases, labels=both), test_fraction, seed)
 
     def concat(self, parts: Sequence[Records]) -> Records:
         if any(p.data.propensity.size and (p.data.propensity == 0).all() for p in parts):
@@ -312,7 +407,8 @@ class Recommendation(Task):
     def local_stats(self, train: Records, cfg: Any) -> dict[str, np.ndarray]:
         cases: Cases = train.data
         _, first = np.unique(cases.patient.astype(str), return_index=True)  # one row per patient
-        return tabular.stats(spec_for(cfg.dataset).schema, cases.x[np.sort(first)])
+        spec = spec_for(cfg.dataset)
+        return tabular.stats(spec.schema, spec.features(cases.x[np.sort(first)]))
 
     def finalize_stats(self, totals: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
         return tabular.finalize(totals)
@@ -328,7 +424,8 @@ class Recommendation(Task):
         if cfg.model not in self.models:
             raise ConfigError(f"recommendation: unknown model '{cfg.model}' ({', '.join(self.models)})")
         return Recommender(cfg.model, spec.schema.input_dim(), spec.components, spec.slots,
-                           dropout=max(float(cfg.dropout), 0.0))
+                           dim=spec.dim, hidden=spec.hidden, dropout=max(float(cfg.dropout), 0.0),
+                           modifiers=spec.modifier_index(), risk=spec.risk_index())
 
     def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         x, slot, treatment, known, outcome = batch[:5]
@@ -362,7 +459,7 @@ class Recommendation(Task):
                 seen = propensity[treatment == a]
                 if len(seen):
                     p[a] = seen[0]
-            out.update(_policy.site_metrics(treatment, benefit.argmax(axis=1), good, p))
+            out.update(_policy.site_metrics(treatment, _policy.margin_policy(benefit, POLICY_MARGIN), good, p))
         else:
             out.update(_policy.ranking_metrics(slot.astype(int), benefit[np.arange(len(scores)), treatment], good))
         return out
@@ -398,7 +495,7 @@ class Recommendation(Task):
             frame = _actg.read_csv(path, require_outcome=False)
             ids, x, arm, _, _ = _actg.parse(frame, str(path), require_outcome=False)
             tried = [[int(a)] if a >= 0 else [] for a in arm]
-            x_enc = torch.from_numpy(tabular.encode(spec.schema, x, prep))
+            x_enc = torch.from_numpy(tabular.encode(spec.schema, spec.features(x), prep))
             known = torch.zeros(len(ids))
             with torch.no_grad():
                 scores = torch.sigmoid(_all_treatments(model, x_enc, torch.zeros(len(ids), dtype=torch.long),
@@ -406,11 +503,11 @@ class Recommendation(Task):
         else:
             history = _cohort.read_csv(path)
             ids, first, inverse = np.unique(history.patient.astype(str), return_index=True, return_inverse=True)
-            x_enc = torch.from_numpy(tabular.encode(spec.schema, history.x[first], prep))
+            x_enc = torch.from_numpy(tabular.encode(spec.schema, spec.features(history.x[first]), prep))
             tried = [sorted(set(history.treatment[inverse == i].tolist())) for i in range(len(ids))]
             vectors = None
             if getattr(model, "collaborative", False):
-                vectors = fold_in(model, torch.tensor(tabular.encode(spec.schema, history.x, prep)),
+                vectors = fold_in(model, torch.tensor(tabular.encode(spec.schema, spec.features(history.x), prep)),
                                   torch.tensor(inverse, dtype=torch.long), torch.tensor(history.treatment),
                                   torch.tensor(history.response, dtype=torch.float32), len(ids),
                                   steps=fold_in_steps)
@@ -424,18 +521,27 @@ class Recommendation(Task):
 
     def recommend(self, model: nn.Module, prep: dict[str, np.ndarray], cfg: Any, path: Path, k: int,
                   *, include_tried: bool = False) -> pd.DataFrame:
-        """Top-k treatments per patient with their predicted outcome (long format)."""
+        """Top-k treatments per patient with their predicted outcome (long format).
+
+        On ACTG rank 1 is ``_policy.margin_policy`` over the file's patients (the arm best
+        on average for them unless another is predicted better by ``POLICY_MARGIN``),
+        the rest follow by predicted benefit.
+        """
         spec = spec_for(cfg.dataset)
         if k < 1:
             raise ConfigError("--k must be >= 1")
         wide = self.score_patients(model, prep, cfg, Path(path))
         scores = wide[[f"{spec.outcome}:{t}" for t in spec.treatments]].to_numpy()
         benefit = scores if spec.better > 0 else 1.0 - scores
+        # Randomised data: rank 1 is the policy whose value the run reported.
+        first = _policy.margin_policy(benefit, POLICY_MARGIN) if spec.name == "actg175" else None
         rows = []
         for i, patient in enumerate(wide["patient"]):
             tried = set(wide["tried"].iloc[i].split("|")) - {""}
             order = [t for t in np.argsort(-benefit[i], kind="stable")
                      if include_tried or spec.name == "actg175" or spec.treatments[t] not in tried]
+            if first is not None:
+                order = [int(first[i])] + [t for t in order if t != first[i]]
             for rank, t in enumerate(order[:k], start=1):
                 rows.append({"patient": patient, "rank": rank, "treatment": spec.treatments[t],
                              f"predicted_{spec.outcome}": float(scores[i, t]),
@@ -445,7 +551,7 @@ class Recommendation(Task):
 
 
 def _tensors(spec: Spec, cases: Cases, prep: dict[str, np.ndarray]) -> list[torch.Tensor]:
-    x = tabular.encode(spec.schema, cases.x, prep)
+    x = tabular.encode(spec.schema, spec.features(cases.x), prep)
     n = len(cases.outcome)
     return [
         torch.from_numpy(x),
@@ -466,7 +572,7 @@ def _all_treatments(model: nn.Module, x: torch.Tensor, slot: torch.Tensor, known
 def fold_in(model: nn.Module, x: torch.Tensor, row_patient: torch.Tensor, treatment: torch.Tensor,
             response: torch.Tensor, n_patients: int, *, steps: int = 300, l2: float = 1e-2) -> torch.Tensor:
     """Patient vectors fitted to their own histories, every shared parameter frozen."""
-    vectors = torch.zeros(n_patients, EMBEDDING_DIM, requires_grad=True)
+    vectors = torch.zeros(n_patients, int(getattr(model, "dim", EMBEDDING_DIM)), requires_grad=True)
     optimizer = torch.optim.Adam([vectors], lr=0.05)
     was_training = model.training
     model.eval()
