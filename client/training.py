@@ -86,6 +86,7 @@ def make_optimizer(model: nn.Module, cfg: RunConfig, local_prefixes: tuple[str, 
 def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_multiplier: float | None,
           seed: int, proximal_mu: float = 0.0) -> TrainOutcome:
     """One round of local training; ``noise_multiplier=None`` trains without DP."""
+    cfg = cfg.resolved(task.defaults)  # idempotent; callers may pass the run's raw config
     dev = device()
     model.to(dev).train()
     n = len(data)
@@ -105,13 +106,15 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
 
         engine = PrivacyEngine(accountant="rdp")
         loader = DataLoader(data, batch_size=cfg.batch_size, generator=sampler_gen)
+        ghost = {"grad_sample_mode": "ghost", "criterion": _MeanLoss()} if task.ghost_clipping else {}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure.*")
-            run_model, optimizer, loader = engine.make_private(
+            run_model, optimizer, *_, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=noise_generator(cfg.reproducible_noise, seed + 1, dev),
+                **ghost,
             )
         batches = _cycle(loader, steps)
         history = engine.accountant.history  # filled as the optimiser steps
@@ -123,10 +126,13 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
         if len(batch[0]) == 0:
             # An empty Poisson batch still costs a step: Opacus adds noise to zero grads.
             if noise_multiplier is not None:
-                _zero_grads(run_model)
+                _zero_grads(run_model, ghost=task.ghost_clipping)
                 optimizer.step()
             continue
-        loss = task.loss(run_model, batch)
+        if noise_multiplier is not None and task.ghost_clipping:
+            loss = _ghost_loss(run_model, optimizer, task.loss_per_sample(run_model, batch))
+        else:
+            loss = task.loss(run_model, batch)
         loss.backward()
         optimizer.step()
         if global_params is not None:
@@ -174,10 +180,28 @@ def _cycle(loader, steps: int):
             return
 
 
-def _zero_grads(model: nn.Module) -> None:
+class _MeanLoss(nn.Module):
+    """Stand-in criterion for Opacus' ghost mode, which insists on one; the loop builds
+    the two-pass loss from ``Task.loss_per_sample`` itself (``_ghost_loss``)."""
+
+    reduction = "mean"
+
+
+def _ghost_loss(model, optimizer, per_sample: torch.Tensor):
+    """A loss whose ``backward`` runs ghost clipping's two passes: per-sample norms, then
+    the sum of clipped per-sample gradients (what the hooks mode sums after clipping)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    return DPTensorFastGradientClipping(model, optimizer, per_sample, loss_reduction="mean")
+
+
+def _zero_grads(model: nn.Module, ghost: bool = False) -> None:
     for p in model.parameters():
         if p.requires_grad:
-            p.grad_sample = torch.zeros((0,) + tuple(p.shape), device=p.device)
+            if ghost:  # the ghost optimiser noises p.grad, the summed clipped gradient
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0,) + tuple(p.shape), device=p.device)
 
 
 def _proximal_step(model: nn.Module, global_params: list[torch.Tensor], scale: float) -> None:

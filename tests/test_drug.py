@@ -107,6 +107,51 @@ def test_each_model_runs_one_dp_step(sites, model):
     assert 0 <= metrics["roc_auc"] <= 1 and math.isfinite(loss)
 
 
+@pytest.mark.parametrize("model", TASK.models)
+def test_ghost_clipping_matches_per_sample_gradient_clipping(sites, model):
+    """Ghost clipping must clip exactly as Opacus' per-sample-gradient hooks do: with the
+    noise off and a clipping norm that bites, both give the same parameters and the same
+    accountant history (sample rate, steps)."""
+    cfg = drug_config(model=model, batch_size=16, optimizer="sgd", lr=0.5, dropout=0.0,
+                      max_grad_norm=0.01)
+    train = TASK.take(sites[1].train, np.arange(48))
+    prep = TASK.finalize_stats(TASK.local_stats(train, cfg), cfg)
+    data = TASK.to_dataset(train, prep, cfg, train=True)
+    hooks_task = type(TASK)()
+    hooks_task.ghost_clipping = False
+    results = {}
+    for name, task, clip in (("ghost", TASK, 0.01), ("hooks", hooks_task, 0.01), ("unclipped", hooks_task, 1e6)):
+        torch.manual_seed(0)
+        net = task.build_model(cfg)
+        outcome = training.train(task, net, data, cfg.replace(max_grad_norm=clip), noise_multiplier=0.0, seed=3)
+        params = dict(net.named_parameters())
+        if "embed.weight" in params:
+            # Opacus' per-sample embedding gradients ignore padding_idx (the hooks move
+            # the padding row); autograd, which ghost clipping uses, leaves it alone.
+            params["embed.weight"] = params["embed.weight"][1:]
+        results[name] = (torch.cat([p.detach().flatten() for p in params.values()]), outcome.history)
+    ghost, hooks, unclipped = (results[k][0] for k in ("ghost", "hooks", "unclipped"))
+    assert results["ghost"][1] == results["hooks"][1] and len(results["ghost"][1]) == 1
+    assert torch.allclose(ghost, hooks, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(hooks, unclipped, atol=1e-3)  # the clipping did bite
+
+
+def test_ghost_clipping_survives_empty_poisson_batches(sites, monkeypatch):
+    """An empty Poisson batch still costs a noised step under ghost clipping."""
+    cfg = drug_config(batch_size=1, local_epochs=3)
+    train = TASK.take(sites[1].train, np.arange(2))
+    data = TASK.to_dataset(train, TASK.finalize_stats(TASK.local_stats(train, cfg), cfg), cfg, train=True)
+    empties = []
+    zero_grads = training._zero_grads
+    monkeypatch.setattr(training, "_zero_grads", lambda *a, **k: (empties.append(1), zero_grads(*a, **k)))
+    for seed in range(6):  # q = 1/2: a quarter of the steps see an empty batch
+        net = TASK.build_model(cfg)
+        outcome = training.train(TASK, net, data, cfg, noise_multiplier=1.0, seed=seed)
+        assert outcome.history == [(1.0, 0.5, outcome.steps)]
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert empties
+
+
 def test_federation_on_a_tox21_subset_then_predict(tmp_path):
     files = export_csvs(tmp_path / "hospitals", limit=150)[:3]
     lines = files[0].read_text().splitlines()

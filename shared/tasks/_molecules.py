@@ -161,8 +161,52 @@ PROPERTIES: tuple[str, ...] = (
     "labuteASA", "tpsa", "CrippenClogP", "CrippenMR", "chi0v", "chi1v", "chi2v", "chi3v", "chi4v",
     "chi0n", "chi1n", "chi2n", "chi3n", "chi4n", "hallKierAlpha", "kappa1", "kappa2", "kappa3", "Phi",
 )
+#: RDKit's 2D descriptor set (``rdkit.Chem.Descriptors``: E-state indices, QED, partial
+#: charges, BCUT, VSA bins, fragment counts, ...), pinned by name as found in RDKit
+#: 2026.09; a name a later RDKit lacks reads as 0. Adding them to the MACCS keys and
+#: properties raised the no-DP test ROC-AUC from 0.787 to 0.800 (README, drug section).
+RDKIT_2D: tuple[str, ...] = (
+    "MaxAbsEStateIndex", "MaxEStateIndex", "MinAbsEStateIndex", "MinEStateIndex", "qed", "SPS",
+    "MolWt", "HeavyAtomMolWt", "ExactMolWt", "NumValenceElectrons", "NumRadicalElectrons",
+    "MaxPartialCharge", "MinPartialCharge", "MaxAbsPartialCharge", "MinAbsPartialCharge",
+    "FpDensityMorgan1", "FpDensityMorgan2", "FpDensityMorgan3", "BCUT2D_MWHI", "BCUT2D_MWLOW",
+    "BCUT2D_CHGHI", "BCUT2D_CHGLO", "BCUT2D_LOGPHI", "BCUT2D_LOGPLOW", "BCUT2D_MRHI",
+    "BCUT2D_MRLOW", "AvgIpc", "BalabanJ", "BertzCT", "Chi0", "Chi0n", "Chi0v", "Chi1", "Chi1n",
+    "Chi1v", "Chi2n", "Chi2v", "Chi3n", "Chi3v", "Chi4n", "Chi4v", "HallKierAlpha", "Ipc",
+    "Kappa1", "Kappa2", "Kappa3", "LabuteASA", "PEOE_VSA1", "PEOE_VSA10", "PEOE_VSA11",
+    "PEOE_VSA12", "PEOE_VSA13", "PEOE_VSA14", "PEOE_VSA2", "PEOE_VSA3", "PEOE_VSA4",
+    "PEOE_VSA5", "PEOE_VSA6", "PEOE_VSA7", "PEOE_VSA8", "PEOE_VSA9", "SMR_VSA1", "SMR_VSA10",
+    "SMR_VSA2", "SMR_VSA3", "SMR_VSA4", "SMR_VSA5", "SMR_VSA6", "SMR_VSA7", "SMR_VSA8",
+    "SMR_VSA9", "SlogP_VSA1", "SlogP_VSA10", "SlogP_VSA11", "SlogP_VSA12", "SlogP_VSA2",
+    "SlogP_VSA3", "SlogP_VSA4", "SlogP_VSA5", "SlogP_VSA6", "SlogP_VSA7", "SlogP_VSA8",
+    "SlogP_VSA9", "TPSA", "EState_VSA1", "EState_VSA10", "EState_VSA11", "EState_VSA2",
+    "EState_VSA3", "EState_VSA4", "EState_VSA5", "EState_VSA6", "EState_VSA7", "EState_VSA8",
+    "EState_VSA9", "VSA_EState1", "VSA_EState10", "VSA_EState2", "VSA_EState3", "VSA_EState4",
+    "VSA_EState5", "VSA_EState6", "VSA_EState7", "VSA_EState8", "VSA_EState9", "FractionCSP3",
+    "HeavyAtomCount", "NHOHCount", "NOCount", "NumAliphaticCarbocycles",
+    "NumAliphaticHeterocycles", "NumAliphaticRings", "NumAmideBonds", "NumAromaticCarbocycles",
+    "NumAromaticHeterocycles", "NumAromaticRings", "NumAtomStereoCenters", "NumBridgeheadAtoms",
+    "NumHAcceptors", "NumHDonors", "NumHeteroatoms", "NumHeterocycles", "NumRotatableBonds",
+    "NumSaturatedCarbocycles", "NumSaturatedHeterocycles", "NumSaturatedRings", "NumSpiroAtoms",
+    "NumUnspecifiedAtomStereoCenters", "Phi", "RingCount", "MolLogP", "MolMR", "fr_Al_COO",
+    "fr_Al_OH", "fr_Al_OH_noTert", "fr_ArN", "fr_Ar_COO", "fr_Ar_N", "fr_Ar_NH", "fr_Ar_OH",
+    "fr_COO", "fr_COO2", "fr_C_O", "fr_C_O_noCOO", "fr_C_S", "fr_HOCCN", "fr_Imine", "fr_NH0",
+    "fr_NH1", "fr_NH2", "fr_N_O", "fr_Ndealkylation1", "fr_Ndealkylation2", "fr_Nhpyrrole",
+    "fr_SH", "fr_aldehyde", "fr_alkyl_carbamate", "fr_alkyl_halide", "fr_allylic_oxid",
+    "fr_amide", "fr_amidine", "fr_aniline", "fr_aryl_methyl", "fr_azide", "fr_azo",
+    "fr_barbitur", "fr_benzene", "fr_benzodiazepine", "fr_bicyclic", "fr_diazo",
+    "fr_dihydropyridine", "fr_epoxide", "fr_ester", "fr_ether", "fr_furan", "fr_guanido",
+    "fr_halogen", "fr_hdrzine", "fr_hdrzone", "fr_imidazole", "fr_imide", "fr_isocyan",
+    "fr_isothiocyan", "fr_ketone", "fr_ketone_Topliss", "fr_lactam", "fr_lactone", "fr_methoxy",
+    "fr_morpholine", "fr_nitrile", "fr_nitro", "fr_nitro_arom", "fr_nitro_arom_nonortho",
+    "fr_nitroso", "fr_oxazole", "fr_oxime", "fr_para_hydroxylation", "fr_phenol",
+    "fr_phenol_noOrthoHbond", "fr_phos_acid", "fr_phos_ester", "fr_piperdine", "fr_piperzine",
+    "fr_priamide", "fr_prisulfonamd", "fr_pyridine", "fr_quatN", "fr_sulfide", "fr_sulfonamd",
+    "fr_sulfone", "fr_term_acetylene", "fr_tetrazole", "fr_thiazole", "fr_thiocyan",
+    "fr_thiophene", "fr_unbrch_alkane", "fr_urea",
+)
 MACCS_BITS = 167
-DESCRIPTOR_DIM = MACCS_BITS + len(PROPERTIES)
+DESCRIPTOR_DIM = MACCS_BITS + len(PROPERTIES) + len(RDKIT_2D)
 
 _DESCRIPTORS: dict[str, np.ndarray] = {}
 
@@ -174,11 +218,33 @@ def _properties():
     return rdMolDescriptors.Properties(list(PROPERTIES))
 
 
+@lru_cache(maxsize=1)
+def _rdkit_2d_functions():
+    from rdkit.Chem import Descriptors
+
+    found = dict(Descriptors._descList)
+    return tuple(found.get(name) for name in RDKIT_2D)
+
+
+def _rdkit_2d(mol: Chem.Mol) -> np.ndarray:
+    out = np.zeros(len(RDKIT_2D), dtype=np.float64)
+    for j, fn in enumerate(_rdkit_2d_functions()):
+        if fn is None:
+            continue
+        try:
+            out[j] = float(fn(mol))
+        except Exception:  # noqa: BLE001 - RDKit raises on a few exotic molecules
+            out[j] = 0.0
+    return out
+
+
 def descriptors(smiles: Sequence[str]) -> np.ndarray:
-    """MACCS keys (0/1) then signed-log RDKit properties, float32 (n, DESCRIPTOR_DIM).
+    """MACCS keys (0/1), then signed-log RDKit properties and 2D descriptors, float32
+    (n, DESCRIPTOR_DIM).
 
     Computed once per molecule per process (a federation re-reads the same molecules
-    every round); properties still need the federation's standardisation.
+    every round, and the 2D descriptors take about 5 ms a molecule); the real-valued
+    columns still need the federation's standardisation.
     """
     from rdkit.Chem import MACCSkeys
 
@@ -191,8 +257,9 @@ def descriptors(smiles: Sequence[str]) -> np.ndarray:
             row = np.zeros(DESCRIPTOR_DIM, dtype=np.float32)
             if mol is not None:
                 row[:MACCS_BITS] = np.frombuffer(MACCSkeys.GenMACCSKeys(mol).ToBitString().encode(), np.uint8) - 48
-                values = np.nan_to_num(np.asarray(props.ComputeProperties(mol), dtype=np.float64),
-                                       nan=0.0, posinf=0.0, neginf=0.0)
+                values = np.concatenate([np.asarray(props.ComputeProperties(mol), dtype=np.float64),
+                                         _rdkit_2d(mol)])
+                values = np.clip(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), -1e12, 1e12)
                 row[MACCS_BITS:] = np.sign(values) * np.log1p(np.abs(values))
             if len(_DESCRIPTORS) > 500_000:
                 _DESCRIPTORS.clear()

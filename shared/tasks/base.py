@@ -99,6 +99,11 @@ class Task(ABC):
     main_metric: ClassVar[str] = "accuracy"
     #: Parameter-name prefixes that stay at the hospital (never sent, never aggregated).
     local_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: DP-SGD with Opacus' fast gradient ("ghost") clipping: per-sample gradient norms
+    #: from two backward passes instead of materialised per-sample gradients (batch x
+    #: parameters), which dominate the step of a small model. Same clipping, noise and
+    #: accounting; a task opting in must implement ``loss_per_sample``.
+    ghost_clipping: ClassVar[bool] = False
 
     # ---- data -------------------------------------------------------------------
     @abstractmethod
@@ -164,6 +169,10 @@ class Task(ABC):
     @abstractmethod
     def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mean loss over the batch (Opacus expects mean reduction)."""
+
+    def loss_per_sample(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Loss of each record, shape (batch,), whose mean is ``loss`` (for ``ghost_clipping``)."""
+        raise NotImplementedError(f"task {self.name} has no per-sample loss")
 
     @abstractmethod
     def predict(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
