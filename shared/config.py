@@ -32,6 +32,8 @@ DEFAULT_SITE_EPSILON = 1.0
 DEFAULT_SITE_DELTA = 1e-5
 #: Rounds when neither the run config nor the task names a number.
 FALLBACK_ROUNDS = 20
+#: Clipping bound for tasks that declare none.
+FALLBACK_CLIP = 1.0
 
 
 def _key(name: str) -> str:
@@ -57,7 +59,8 @@ class RunConfig:
     dropout: float = -1.0
     #: Pathology stain normalisation: "none" or "hed" ("" = the task's default).
     stain_norm: str = ""
-    max_grad_norm: float = 1.0
+    #: DP-SGD per-sample clipping bound (0 = the task's default, else 1.0).
+    max_grad_norm: float = 0.0
     partition: str = "natural"
     num_sites: int = 4
     dirichlet_alpha: float = 0.5
@@ -117,7 +120,7 @@ class RunConfig:
         need(self.local_epochs >= 0, "local-epochs", "must be >= 0")
         need(self.batch_size >= 0, "batch-size", "must be >= 0")
         need(self.lr >= 0, "lr", "must be >= 0")
-        need(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
+        need(self.max_grad_norm >= 0, "max-grad-norm", "must be > 0 (0 = the task's default)")
         need(self.num_sites >= 1, "num-sites", "must be >= 1")
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
         need(0 <= self.val_fraction <= 0.5, "val-fraction", "must be in [0, 0.5]")
@@ -143,13 +146,15 @@ class RunConfig:
         changes: dict[str, Any] = {}
         sentinel = {"dataset": "", "model": "", "local_epochs": 0, "batch_size": 0,
                     "lr": 0.0, "optimizer": "", "weight_decay": -1.0, "dropout": -1.0,
-                    "stain_norm": ""}
+                    "stain_norm": "", "max_grad_norm": 0.0}
         sentinel["num_rounds"] = 0
         for name, empty in sentinel.items():
             if getattr(self, name) == empty and name in defaults:
                 changes[name] = defaults[name]
         if self.num_rounds == 0 and "num_rounds" not in changes:
             changes["num_rounds"] = FALLBACK_ROUNDS
+        if self.max_grad_norm == 0 and "max_grad_norm" not in changes:
+            changes["max_grad_norm"] = FALLBACK_CLIP
         return dataclasses.replace(self, **changes)
 
 
