@@ -1,8 +1,13 @@
 """Pathology targets of issue 5: PCam accuracy with and without DP, DP-SGD step cost.
 
-Four hospitals with their own stain shift (the builtin ``pcam`` dataset: the shipped
-subset, 4,800 train / 1,200 test patches), federated with the real ServerApp and
-ClientApp in one process:
+Four hospitals with their own stain shift, federated with the real ServerApp and
+ClientApp in one process. By default they are the builtin ``pcam`` dataset (the shipped
+subset, 4,800 train / 1,200 test patches); with ``--data-root`` a PCam folder (the
+issue's full subset, ``../shared/data/pathology/pcam_subset``: 19,171 train / 2,947 test
+patches once byte-identical copies are dropped; ``valid/`` unused) is dealt into the
+same four hospitals the same way (``Pathology.pcam_hospitals``: the subset's own
+train/test split, an even label-stratified deal, each hospital's fixed stain), written
+as four hospital folders and read through ``--data`` as real hospitals are:
 
 * ``pcam_acc_nodp=``, ``pcam_auc_nodp=``: without DP (ε = ∞);
 * ``pcam_acc_dp8=``, ``pcam_auc_dp8=``: DP-SGD at ε = 8 per hospital (δ = 1e-5);
@@ -16,6 +21,7 @@ ClientApp in one process:
   training loop (Poisson sampling, augmentation included).
 
     OMP_NUM_THREADS=2 python bench/pathology.py [--rounds 10] [--skip-accuracy]
+        [--data-root ../shared/data/pathology/pcam_subset [--hospitals DIR]]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from fedcare.client import training
 from fedcare.shared.config import RunConfig
@@ -38,10 +45,11 @@ from fedcare.simulation.runner import plan_federation, simulate
 warnings.filterwarnings("ignore")
 
 
-def federated(epsilon: float, rounds: int, seed: int, overrides: dict) -> dict[str, float]:
+def federated(epsilon: float, rounds: int, seed: int, overrides: dict,
+              hospitals: list[Path] | None = None) -> dict[str, float]:
     cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "task": "pathology", "num-rounds": rounds,
                                   "seed": seed, **overrides})
-    fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
+    fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5, data=hospitals or ())
     with tempfile.TemporaryDirectory() as tmp:
         out = simulate(cfg, fed, out=Path(tmp) / "run")
         last = list(csv.DictReader((out / "rounds.csv").open()))[-1]
@@ -56,13 +64,39 @@ def _is_float(text: str) -> bool:
         return False
 
 
-def step_times(batch_size: int, repeats: int) -> tuple[float, float]:
-    """Best (plain, DP) seconds per optimiser step of the default model on one batch."""
+def write_hospitals(root: Path, out: Path, seed: int) -> list[Path]:
+    """The full PCam subset folder dealt into the four stain-shifted builtin hospitals
+    (``Pathology.pcam_hospitals``), each written as a hospital's own folder of lossless
+    PNGs (train/<class>/, test/<class>/), so the federation reads them as hospitals do.
+    Reused when ``out`` already holds them."""
+    task = get_task("pathology")
+    folders = [out / f"hospital{i + 1}" for i in range(4)]
+    if (out / "done").exists():
+        return folders
+    records = task.read_file(root, "pcam", strict=True)
+    for site, folder in zip(task.pcam_hospitals(records, seed, shifted=True), folders):
+        for split, part in (("train", site.train), ("test", site.test)):
+            for image, label, path in zip(part.data.images, part.labels, part.data.paths):
+                target = folder / split / str(int(label)) / (Path(path).stem + ".png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(target)
+    (out / "done").write_text(f"{root} seed {seed}\n")
+    return folders
+
+
+def bench_config(overrides: dict) -> RunConfig:
+    task = get_task("pathology")
+    return RunConfig.from_mapping({**RunConfig(task="pathology").to_mapping(), **overrides}).resolved(task.defaults)
+
+
+def step_times(batch_size: int, repeats: int, overrides: dict) -> tuple[float, float]:
+    """Best (plain, DP) seconds per optimiser step of the default model (or the one
+    ``--set model=...`` names) on one batch."""
     from opacus.grad_sample import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     task = get_task("pathology")
-    cfg = RunConfig(task="pathology").resolved(task.defaults)
+    cfg = bench_config(overrides)
     x = torch.randn(batch_size, 3, 88, 88)
     y = torch.randint(0, 2, (batch_size,))
 
@@ -91,10 +125,10 @@ def step_times(batch_size: int, repeats: int) -> tuple[float, float]:
     return t_plain, t_dp
 
 
-def round_times(n_images: int) -> tuple[float, float]:
+def round_times(n_images: int, overrides: dict) -> tuple[float, float]:
     """Seconds for one local round of ``n_images`` patches, plain and DP, same data."""
     task = get_task("pathology")
-    cfg = RunConfig(task="pathology").resolved(task.defaults)
+    cfg = bench_config(overrides)
     site = task.builtin_sites("pcam-noshift", 0)[0]
     records = task.take(site.train, range(n_images))
     prep = task.finalize_stats(task.local_stats(records, cfg), cfg)
@@ -119,6 +153,9 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--only", choices=("nodp", "dp8"), help="run one of the two federations")
     parser.add_argument("--set", action="append", default=[], help="run-config KEY=VALUE")
+    parser.add_argument("--data-root", type=Path, help="a PCam folder (train/, test/) dealt into the four "
+                        "stain-shifted hospitals instead of the shipped subset")
+    parser.add_argument("--hospitals", type=Path, help="where those hospitals' folders are written (reused)")
     args = parser.parse_args()
     overrides: dict = {}
     for pair in args.set:
@@ -127,21 +164,28 @@ def main() -> None:
 
     print(f"torch_threads={torch.get_num_threads()}", flush=True)
     if not args.skip_timing:
-        t_plain, t_dp = step_times(args.batch_size, args.repeats)
+        t_plain, t_dp = step_times(args.batch_size, args.repeats, overrides)
         print(f"pathology_step_s_nodp={t_plain:.4f}")
         print(f"pathology_step_s_dp={t_dp:.4f}")
         print(f"pathology_img_per_s_nodp={args.batch_size / t_plain:.1f}")
         print(f"pathology_img_per_s_dp={args.batch_size / t_dp:.1f}")
         print(f"dp_step_ratio_pathology={t_dp / t_plain:.3f}", flush=True)
-        r_plain, r_dp = round_times(640)
+        r_plain, r_dp = round_times(640, overrides)
         print(f"dp_round_ratio_pathology={r_dp / r_plain:.3f}", flush=True)
 
     if not args.skip_accuracy:
+        hospitals = None
+        if args.data_root:
+            work = args.hospitals or Path(tempfile.mkdtemp(prefix="pcam-hospitals-"))
+            hospitals = write_hospitals(args.data_root, work, args.seed)
+            print(f"pcam_train_patches={sum(len(list((h / 'train').rglob('*.png'))) for h in hospitals)}")
+            print(f"pcam_test_patches={sum(len(list((h / 'test').rglob('*.png'))) for h in hospitals)}",
+                  flush=True)
         for tag, eps in (("nodp", math.inf), ("dp8", 8.0)):
             if args.only and tag != args.only:
                 continue
             start = time.perf_counter()
-            res = federated(eps, args.rounds, args.seed, overrides)
+            res = federated(eps, args.rounds, args.seed, overrides, hospitals)
             print(f"pcam_acc_{tag}={res.get('accuracy', math.nan):.4f}")
             print(f"pcam_auc_{tag}={res.get('roc_auc', math.nan):.4f}")
             print(f"pcam_rounds_{tag}={args.rounds}")

@@ -216,19 +216,53 @@ def test_model_passes_opacus_validator_and_grouped_per_sample_grads_match():
         assert ModuleValidator.validate(model, strict=True) == []
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
-    torch.manual_seed(0)
-    ours = PatchConv(4, 6, 3, 2, 1, bias=True)
-    ref = torch.nn.Conv2d(4, 6, 3, 2, 1, bias=True)
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(5, 4, 40, 40)  # 20x20 output: the grouped-convolution path
-    grads = []
-    for layer in (ours, ref):
-        gsm = GradSampleModule(layer)
-        (gsm(x) ** 2).sum().backward()
-        grads.append((layer.weight.grad_sample.clone(), layer.bias.grad_sample.clone()))
-        gsm._close()
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
+    # 20x20 output: the grouped-convolution path; 1x1: the per-sample matrix product;
+    # 8x8 output: Opacus' own im2col path
+    for kernel, stride, padding, size in ((3, 2, 1, 40), (1, 1, 0, 12), (3, 1, 1, 8)):
+        torch.manual_seed(0)
+        ours = PatchConv(4, 6, kernel, stride, padding, bias=True)
+        ref = torch.nn.Conv2d(4, 6, kernel, stride, padding, bias=True)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(5, 4, size, size)
+        grads = []
+        for layer in (ours, ref):
+            gsm = GradSampleModule(layer)
+            (gsm(x) ** 2).sum().backward()
+            grads.append((layer.weight.grad_sample.clone(), layer.bias.grad_sample.clone()))
+            gsm._close()
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_scattering_front_end_is_fixed_and_orientation_selective():
+    from opacus import GradSampleModule
+
+    from fedcare.shared.tasks._scatter import ORIENTATIONS, Scattering, ScatterNet
+
+    model = ScatterNet(2)
+    assert not any(k.startswith("scatter") for k in model.state_dict())  # never federated, never trained
+    assert not list(model.scatter.parameters())
+    assert ScatterNet(8)(torch.randn(1, 3, 142, 142)).shape == (1, 8)  # kather's crops: not divisible by 4
+
+    scatter = Scattering()
+    r = torch.arange(88, dtype=torch.float32)
+    stripes = torch.sin(r * 3 * math.pi / 4)[None, :].expand(88, 88)  # varies along x only
+    first = {}
+    for name, image in (("x", stripes), ("y", stripes.T)):
+        out = scatter(image.expand(1, 3, 88, 88).contiguous())
+        assert out.shape == (1, 243, 22, 22)
+        # channels 3..26 are red/green/blue x 8 orientations at scale 0; the interior only
+        energy = out[0, 3:3 + ORIENTATIONS, 4:-4, 4:-4].mean(dim=(1, 2))
+        first[name] = int(energy.argmax())
+        assert energy.max() > 5 * energy.min()
+    assert abs(first["x"] - first["y"]) == ORIENTATIONS // 2
+    flat = scatter(torch.full((1, 3, 88, 88), 0.7))[0, 3:3 + ORIENTATIONS, 4:-4, 4:-4]
+    assert flat.abs().max() < 1e-3  # zero-mean wavelets: no response to a flat stain
+
+    gsm = GradSampleModule(model)
+    torch.nn.functional.cross_entropy(gsm(torch.randn(3, 3, 88, 88)), torch.tensor([0, 1, 1])).backward()
+    assert all(p.grad_sample.shape[0] == 3 for p in model.parameters())
+    gsm._close()
 
 
 def test_one_dp_step_changes_the_model_and_spends_budget(tmp_path):

@@ -25,7 +25,8 @@ from ._stain import hed_jitter
 
 #: Output sizes (H x W) from which a per-sample convolution gradient is cheaper as one
 #: grouped convolution than as Opacus' unfold + einsum (measured on CPU: 2-5x faster
-#: at 22x22 and above, slower on small late-stage maps).
+#: at 22x22 and above; at 11x11 it depends on the layer: slower for resnet's, faster
+#: for the scatter head's 64→96, so those maps stay on Opacus' path).
 _GROUPED_FROM = 256
 
 
@@ -45,6 +46,9 @@ def _patch_conv_grad_sample(layer: PatchConv, activations: list[torch.Tensor],
     n, cin, cout = a.shape[0], layer.in_channels, layer.out_channels
     if n == 0:
         grad = torch.zeros((0,) + tuple(layer.weight.shape), device=a.device, dtype=a.dtype)
+    elif layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0):
+        # a 1x1 convolution is a matrix product per sample: no im2col, no grouped kernel
+        grad = torch.bmm(backprops.reshape(n, cout, -1), a.reshape(n, cin, -1).transpose(1, 2))
     elif backprops.shape[-1] * backprops.shape[-2] >= _GROUPED_FROM:
         _, grad, _ = torch.ops.aten.convolution_backward(
             backprops.reshape(1, n * cout, *backprops.shape[2:]), a.reshape(1, n * cin, *a.shape[2:]),
