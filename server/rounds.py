@@ -108,15 +108,19 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
                                 _max_epsilon(sites), [])
         val_column = f"val_{task.main_metric}"
         best = folder.best_round(val_column)
+        if saved is not None and best is not None and best[0] == saved.round:
+            # The best model is saved after its round's checkpoint; a kill in between
+            # left the file a round behind, and the checkpoint holds that round's model.
+            folder.save_arrays(BEST_MODEL, global_arrays)
         for rnd in range(first, cfg.num_rounds + 1):
             global_arrays = _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg,
                                          folder, observer)
             metric, val_metric = _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task,
                                                  cfg, folder, observer)
+            _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric)
             if val_metric is not None and math.isfinite(val_metric) and (best is None or val_metric > best[1]):
                 folder.save_arrays(BEST_MODEL, global_arrays)
                 best = (rnd, val_metric)
-            _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric)
         summary = _summary(task, cfg, sites)
         if best is not None:
             summary["validation"] = {

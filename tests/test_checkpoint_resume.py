@@ -29,7 +29,7 @@ from fedcare.shared.errors import ConfigError
 from fedcare.simulation.runner import plan_federation, resume, simulate
 
 CONFIG = {"dataset": "breast-cancer", "partition": "iid", "num-sites": 2, "num-rounds": 4,
-          "strategy": "fedadam", "reproducible-noise": True, "seed": 3}
+          "strategy": "fedadam", "reproducible-noise": True, "seed": 3, "val-fraction": 0.2}
 
 KILLED_RUN = textwrap.dedent("""
     import sys, time
@@ -100,11 +100,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     resumed = resume(partial)
 
     assert resumed == tmp_path / "killed" and not partial.exists()
-    ref_w = torch.load(reference / "model.pt", weights_only=True)
-    res_w = torch.load(resumed / "model.pt", weights_only=True)
-    assert ref_w.keys() == res_w.keys()
-    for k in ref_w:
-        assert torch.equal(ref_w[k], res_w[k]), k
+    for name in ("model.pt", "model_best_val.pt"):
+        ref_w = torch.load(reference / name, weights_only=True)
+        res_w = torch.load(resumed / name, weights_only=True)
+        assert ref_w.keys() == res_w.keys()
+        for k in ref_w:
+            assert torch.equal(ref_w[k], res_w[k]), (name, k)
 
     ref, res = (json.loads((f / "summary.json").read_text()) for f in (reference, resumed))
     for name in ref["sites"]:
@@ -112,6 +113,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert res["sites"][name]["epsilon"] == pytest.approx(ref["sites"][name]["epsilon"], rel=0, abs=0)
         assert res["sites"][name]["accuracy"] == ref["sites"][name]["accuracy"]
     assert 0.9 < ref["max_epsilon"] <= 1.0
+    assert res["validation"] == ref["validation"]
 
     # ...and were cut back: every round appears once, identical to the reference.
     assert [r["round"] for r in _rows(resumed / "rounds.csv")] == ["1", "2", "3", "4"]
