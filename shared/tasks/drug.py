@@ -43,6 +43,7 @@ from torch.utils.data import TensorDataset
 
 from .. import tabular
 from ..errors import ConfigError, DataError
+from ..metrics import binary_metrics
 from ..registry import register
 from ..splits import split_site
 from . import _molecules as mol
@@ -446,13 +447,13 @@ def multilabel_metrics(prob: np.ndarray, y: np.ndarray, keys: Sequence[str],
             t, p = y[measured, j].astype(int), prob[measured, j]
             if len(t) == 0:
                 continue
-            pred = (p >= threshold).astype(int)
-            acc.append(skm.accuracy_score(t, pred))
-            prec.append(skm.precision_score(t, pred, zero_division=0))
-            rec.append(skm.recall_score(t, pred, zero_division=0))
-            f1.append(skm.f1_score(t, pred, zero_division=0))
-            if len(np.unique(t)) == 2:
-                out[f"roc_auc_{key}"] = float(skm.roc_auc_score(t, p))
+            m = binary_metrics(p, t, threshold)
+            acc.append(m["accuracy"])
+            prec.append(m["precision"])
+            rec.append(m["recall"])
+            f1.append(m["f1"])
+            if math.isfinite(m["roc_auc"]):
+                out[f"roc_auc_{key}"] = m["roc_auc"]
                 out[f"pr_auc_{key}"] = float(skm.average_precision_score(t, p))
                 roc.append(out[f"roc_auc_{key}"])
                 pr.append(out[f"pr_auc_{key}"])
