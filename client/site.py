@@ -7,7 +7,6 @@ through the task's declared schema) or, in simulation, ``partition-id`` /
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from functools import lru_cache
@@ -71,9 +70,7 @@ def with_validation(task: Task, site: Site, fraction: float, seed: int) -> Site:
     """
     key = (id(site.train), fraction, seed)
     if key not in _VALIDATION:
-        # A hospital's own test marks say nothing about validation: draw it from training.
-        pool = dataclasses.replace(site.train, test_mask=None)
-        train_idx, val_idx = task.split(pool, fraction, seed + 104_729)
+        train_idx, val_idx = task.split(site.train, fraction, seed + 104_729)
         split = Site(name=site.name, train=task.take(site.train, train_idx), test=site.test,
                      val=task.take(site.train, val_idx))
         _VALIDATION[key] = (site, split)  # holds ``site`` so its id is never reused

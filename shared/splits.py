@@ -19,9 +19,6 @@ def split_indices(records: Records, test_fraction: float, seed: int) -> tuple[np
     """Stratified (or grouped) split of one site's records into train and test."""
     n = len(records)
     rng = np.random.default_rng(seed)
-    if records.test_mask is not None:
-        mask = np.asarray(records.test_mask, dtype=bool)
-        return np.flatnonzero(~mask), np.flatnonzero(mask)
     if n < 2:
         return np.arange(n), np.arange(0)
     if records.groups is not None:
@@ -53,7 +50,12 @@ def split_indices(records: Records, test_fraction: float, seed: int) -> tuple[np
 
 
 def split_site(task: Task, name: str, records: Records, test_fraction: float, seed: int) -> Site:
-    train_idx, test_idx = task.split(records, test_fraction, seed)
+    """A site's train/test split: the hospital's own test marks if it set any, else the task's."""
+    if records.test_mask is not None:
+        mask = np.asarray(records.test_mask, dtype=bool)
+        train_idx, test_idx = np.flatnonzero(~mask), np.flatnonzero(mask)
+    else:
+        train_idx, test_idx = task.split(records, test_fraction, seed)
     return Site(name=name, train=task.take(records, train_idx), test=task.take(records, test_idx))
 
 

@@ -17,7 +17,7 @@ from skimage.color import hed2rgb, rgb2hed
 from fedcare.shared.config import RunConfig
 from fedcare.shared.errors import DataError
 from fedcare.shared.registry import get_task
-from fedcare.shared.splits import split_indices
+from fedcare.shared.splits import split_indices, split_site
 from fedcare.shared.tasks import _stain
 from fedcare.shared.tasks.pathology import DATASETS_DIR, site_stain
 
@@ -63,9 +63,9 @@ def test_split_layout_keeps_the_hospitals_own_test_set(tmp_path):
     records = TASK.read_file(root, "pcam")
     assert len(records) == 18 and records.data.images.shape == (18, 96, 96, 3)
     assert records.data.images.dtype == np.uint8
-    train, test = split_indices(records, 0.5, seed=3)
-    assert all("/test/" in p for p in records.data.paths[test])
-    assert not any("/test/" in p for p in records.data.paths[train])
+    site = split_site(TASK, "h", records, 0.5, seed=3)
+    assert all("/test/" in p for p in site.test.data.paths)
+    assert not any("/test/" in p for p in site.train.data.paths)
     report = TASK.check_file(root, "pcam")
     assert report.ok and report.label_counts == {"normal": 9, "tumour": 9}
     assert any("valid" in n and "not used" in n for n in report.notes)

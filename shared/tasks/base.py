@@ -138,11 +138,12 @@ class Task(ABC):
     test_fraction: ClassVar[float] = 0.25
 
     def split(self, records: Records, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Train/test indices of one site's records (``split_site`` calls this).
+        """Train/test indices of one site's records (``split_site`` calls this when the
+        hospital marked no test set of its own).
 
         The default is ``splits.split_indices`` (grouped or stratified); a task with its
         own notion of a fair held-out set (the drug task's balanced scaffold split)
-        overrides it, honouring ``records.test_mask`` as the default does.
+        overrides it.
         """
         from ..splits import split_indices
 

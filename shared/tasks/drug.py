@@ -249,9 +249,6 @@ class Drug(Task):
 
     def split(self, records: Records, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Scaffold split: a site is tested on chemical series it never trained on."""
-        if records.test_mask is not None:
-            mask = np.asarray(records.test_mask, dtype=bool)
-            return np.flatnonzero(~mask), np.flatnonzero(mask)
         return mol.scaffold_split(records.groups, test_fraction, seed)
 
     def read_file(self, path: Path, dataset: str, *, strict: bool = False) -> Records:

@@ -388,13 +388,11 @@ class Recommendation(Task):
         A quarter of ACTG is ~535 patients, ~130 events: stratifying on the outcome keeps
         the test event rate equal to the training one, so seeds differ less by chance.
         """
-        from ..splits import split_indices
-
         cases: Cases = records.data
-        if records.test_mask is not None or not (cases.propensity > 0).all():
-            return split_indices(records, test_fraction, seed)
+        if not (cases.propensity > 0).all():
+            return super().split(records, test_fraction, seed)
         both = records.labels * 2 + np.nan_to_num(cases.outcome).astype(np.int64)
-        return split_indices(Records(data=cases, labels=both), test_fraction, seed)
+        return super().split(Records(data=cases, labels=both), test_fraction, seed)
 
     def concat(self, parts: Sequence[Records]) -> Records:
         if any(p.data.propensity.size and (p.data.propensity == 0).all() for p in parts):
