@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._patch_model import PatchConv
+from ._patch_model import PatchConv, _norm
 
 #: Orientations of the Morlet wavelets (kymatio's default L).
 ORIENTATIONS = 8
@@ -96,10 +96,6 @@ class Scattering(nn.Module):
             h = min(p.shape[-2] for p in parts)
             w = min(p.shape[-1] for p in parts)
             return torch.cat([p[:, :, :h, :w] for p in parts], dim=1)
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels // 4) or 1, channels)
 
 
 class ScatterNet(nn.Module):
