@@ -86,7 +86,6 @@ def make_optimizer(model: nn.Module, cfg: RunConfig, local_prefixes: tuple[str, 
 def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_multiplier: float | None,
           seed: int, proximal_mu: float = 0.0) -> TrainOutcome:
     """One round of local training; ``noise_multiplier=None`` trains without DP."""
-    cfg = cfg.resolved(task.defaults)  # idempotent; callers may pass the run's raw config
     dev = device()
     model.to(dev).train()
     n = len(data)

@@ -143,18 +143,12 @@ class RunConfig:
 
     def resolved(self, defaults: Mapping[str, Any]) -> "RunConfig":
         """Fill "task default" sentinels from a task's defaults mapping."""
-        changes: dict[str, Any] = {}
         sentinel = {"dataset": "", "model": "", "local_epochs": 0, "batch_size": 0,
                     "lr": 0.0, "optimizer": "", "weight_decay": -1.0, "dropout": -1.0,
-                    "stain_norm": "", "max_grad_norm": 0.0}
-        sentinel["num_rounds"] = 0
-        for name, empty in sentinel.items():
-            if getattr(self, name) == empty and name in defaults:
-                changes[name] = defaults[name]
-        if self.num_rounds == 0 and "num_rounds" not in changes:
-            changes["num_rounds"] = FALLBACK_ROUNDS
-        if self.max_grad_norm == 0 and "max_grad_norm" not in changes:
-            changes["max_grad_norm"] = FALLBACK_CLIP
+                    "stain_norm": "", "max_grad_norm": 0.0, "num_rounds": 0}
+        defaults = {"num_rounds": FALLBACK_ROUNDS, "max_grad_norm": FALLBACK_CLIP, **defaults}
+        changes = {name: defaults[name] for name, empty in sentinel.items()
+                   if getattr(self, name) == empty and name in defaults}
         return dataclasses.replace(self, **changes)
 
 
