@@ -147,23 +147,16 @@ class RunFolder:
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp)
         os.replace(tmp, self.file(name))
 
-    def best_round(self, column: str) -> tuple[int, float] | None:
-        """The round with the highest ``column`` in rounds.csv so far, and that value."""
+    def best_round(self, column: str, also: str) -> tuple[int, float, float | None] | None:
+        """The round with the highest ``column`` in rounds.csv so far, that value and its ``also``."""
         path = self.file("rounds.csv")
         if not path.exists():
             return None
         with path.open(newline="") as fh:
-            rows = [(int(r["round"]), float(r[column])) for r in csv.DictReader(fh) if r.get(column)]
+            rows = [(int(r["round"]), float(r[column]), float(r[also]) if r.get(also) else None)
+                    for r in csv.DictReader(fh) if r.get(column)]
         rows = [r for r in rows if math.isfinite(r[1])]
         return max(rows, key=lambda r: (r[1], -r[0])) if rows else None
-
-    def round_value(self, rnd: int, column: str) -> float | None:
-        path = self.file("rounds.csv")
-        with path.open(newline="") as fh:
-            for r in csv.DictReader(fh):
-                if r.get("round") == str(rnd) and r.get(column):
-                    return float(r[column])
-        return None
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json(self.file("summary.json"), summary)

@@ -47,6 +47,9 @@ class SiteStatus:
     name: str
     num_train: int = 0
     num_test: int = 0
+    #: Training records the site declared in the preprocessing round: the most any of its
+    #: train replies may claim (``validation.check_declared_count``).
+    declared_train: int = 0
     epsilon: float = math.nan
     delta: float = math.nan
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -107,7 +110,7 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
                                 math.nan if saved.last_metric is None else saved.last_metric,
                                 _max_epsilon(sites), [])
         val_column = f"val_{task.main_metric}"
-        best = folder.best_round(val_column)
+        best = folder.best_round(val_column, task.main_metric)
         if saved is not None and best is not None and best[0] == saved.round:
             # The best model is saved after its round's checkpoint; a kill in between
             # left the file a round behind, and the checkpoint holds that round's model.
@@ -120,12 +123,12 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
             _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric)
             if val_metric is not None and math.isfinite(val_metric) and (best is None or val_metric > best[1]):
                 folder.save_arrays(BEST_MODEL, global_arrays)
-                best = (rnd, val_metric)
+                best = (rnd, val_metric, metric)
         summary = _summary(task, cfg, sites)
         if best is not None:
             summary["validation"] = {
                 "val_fraction": cfg.val_fraction, "best_round": best[0], f"best_val_{task.main_metric}": best[1],
-                f"test_{task.main_metric}_at_best_round": folder.round_value(best[0], task.main_metric),
+                f"test_{task.main_metric}_at_best_round": best[2],
                 "model": BEST_MODEL,
             }
         summary.update(central_dp.report(strategy, cfg))
@@ -154,7 +157,8 @@ def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, gri
         strategy_state=checkpoint.strategy_state(strategy),
         sites={s.name: {"epsilon": s.epsilon, "delta": s.delta, "last_eval": s.last_eval,
                         "last_eval_round": s.last_eval_round, "missed": s.missed,
-                        "num_train": s.num_train, "num_test": s.num_test} for s in sites.values()},
+                        "num_train": s.num_train, "num_test": s.num_test,
+                        "declared_train": s.declared_train} for s in sites.values()},
         node_states=node_states, random_state=random_state, torch_rng=torch_rng,
         last_metric=metric if metric is not None and math.isfinite(metric) else None))
 
@@ -170,6 +174,7 @@ def _restore_sites(sites: dict[int, "SiteStatus"], saved: dict[str, dict[str, An
         site.last_eval_round = int(s["last_eval_round"])
         site.missed = [int(r) for r in s["missed"]]
         site.num_train, site.num_test = int(s["num_train"]), int(s["num_test"])
+        site.declared_train = int(s.get("declared_train", site.declared_train))
 
 
 def _max_epsilon(sites: dict[int, "SiteStatus"]) -> float:
@@ -205,7 +210,8 @@ def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
             continue
         stats = to_numpy(msg.content.array_records["stats"])
         metrics = msg.content.metric_records["metrics"]
-        sites[node] = SiteStatus(name=_unique(name, node, sites), num_train=int(metrics["num-examples"]),
+        declared = int(metrics["num-examples"])
+        sites[node] = SiteStatus(name=_unique(name, node, sites), num_train=declared, declared_train=declared,
                                  num_test=int(metrics.get("num-test", 0)))
         totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
     if len(sites) < cfg.min_sites:
@@ -247,7 +253,7 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
         m.content["preprocess"] = prep_record
     rows: list[dict[str, Any]] = []
     answered: set[int] = set()
-    declared = {node: site.num_train for node, site in sites.items()}
+    declared = {node: site.declared_train for node, site in sites.items()}
 
     def reject(node: int, reason: str, msg: Message | None = None) -> None:
         answered.add(node)
