@@ -56,11 +56,11 @@ def run(grid, train_msgs: list[Message], rnd: int, reference: dict[str, np.ndarr
     base = {"round": rnd, "session": session}
     layout = secagg.Layout.of(reference)
 
-    def enough(stage: str, alive: list[int]) -> bool:
-        if len(alive) >= t:
+    def enough(stage: str, alive: int) -> bool:
+        if alive >= t:
             return True
         log.warning("round %d: %d site(s) left at secure-aggregation stage %s < threshold %d; model unchanged",
-                    rnd, len(alive), stage, t)
+                    rnd, alive, stage, t)
         return False
 
     # 1. keys
@@ -73,7 +73,7 @@ def run(grid, train_msgs: list[Message], rnd: int, reference: dict[str, np.ndarr
         else:
             reject(node, _why(msg, "malformed secure-aggregation keys"))
     u0 = sorted(keys)
-    if not enough("keys", u0):
+    if not enough("keys", len(u0)):
         return None
     t = secagg.threshold(len(u0), cfg.secagg_threshold)  # as each site computes it from the key list
 
@@ -92,7 +92,7 @@ def run(grid, train_msgs: list[Message], rnd: int, reference: dict[str, np.ndarr
         else:
             reject(node, _why(msg, "malformed secure-aggregation shares"))
     u1.sort()
-    if not enough("shares", u1):
+    if not enough("shares", len(u1)):
         return None
 
     # 3. train and mask
@@ -115,12 +115,12 @@ def run(grid, train_msgs: list[Message], rnd: int, reference: dict[str, np.ndarr
         u2.append(node)
         accept(msg)
     dropped = [n for n in u1 if n not in u2]
-    if not enough("masking", u2):
+    if not enough("masking", len(u2)):
         return None
 
     # 4. unmask
     def unmask_request(n: int) -> dict[str, ConfigRecord]:
-        src = sorted(s for s in relay[n] if s in u1)
+        src = sorted(relay[n])  # only sites that made it into u1 relayed shares
         return {"secagg": ConfigRecord({**base, "survivors": u2, "dropped": dropped, "src": src,
                                         "ct": [relay[n][s] for s in src]})}
 
@@ -138,7 +138,7 @@ def run(grid, train_msgs: list[Message], rnd: int, reference: dict[str, np.ndarr
             answered += 1
         except (AssertionError, KeyError, TypeError, ValueError):
             reject(holder, _why(msg, "malformed secure-aggregation unmasking shares"))
-    if not enough("unmasking", list(range(answered))):
+    if not enough("unmasking", answered):
         return None
     try:
         for node in u2:

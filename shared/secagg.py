@@ -75,9 +75,12 @@ def _public(raw: bytes) -> X25519PublicKey:
 
 # ---- PRG and fixed point -------------------------------------------------------------
 def prg(seed: bytes, length: int) -> np.ndarray:
-    """``length`` uniform elements of Z_{2^64}: the ChaCha20 keystream under ``seed``."""
+    """``length`` uniform elements of Z_{2^64}: the ChaCha20 keystream under ``seed``.
+
+    Read-only (a view on the keystream bytes): masks are only ever added or subtracted.
+    """
     encryptor = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
-    return np.frombuffer(encryptor.update(b"\0" * (8 * length)), dtype=np.uint64).copy()
+    return np.frombuffer(encryptor.update(b"\0" * (8 * length)), dtype=np.uint64)
 
 
 def quantize(values: np.ndarray) -> np.ndarray:
