@@ -17,7 +17,6 @@ parses; restricting publishers therefore means publishing fedcare on Flower Hub.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from cryptography import x509
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from ..shared.config import SiteConfig
 from ..shared.errors import ConfigError
-from ..shared.flower_tools import tool
+from ..shared.flower_tools import config_arg, tool
 
 #: flwr's default runtime API port of a SuperNode; several on one host need distinct ports.
 DEFAULT_RUNTIME_PORT = 9094
@@ -83,20 +82,8 @@ def node_config(site: SiteConfig) -> str:
     if site.strict:
         pairs.append(("strict", True))
     pairs += [("epsilon", site.epsilon), ("delta", site.delta)]
-    return " ".join(f"{k}={_literal(v)}" for k, v in pairs)
+    return config_arg(pairs, "node config")
 
-
-def _literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else repr(value)
-    text = str(value)
-    if "'" not in text:
-        return f"'{text}'"
-    if '"' not in text and "\\" not in text:
-        return f'"{text}"'
-    raise ConfigError(f"{text!r}: a path with both quote kinds cannot be passed as node config")
 
 
 def supernode_command(*, superlink: str, ca: Path, key: Path, site: SiteConfig, port: int = DEFAULT_RUNTIME_PORT,

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from ..shared.config import RunConfig
 from ..shared.errors import ConfigError
-from ..shared.flower_tools import process_env, tool
+from ..shared.flower_tools import config_arg, process_env, tool, write_app_pyproject
 from .provision import Layout
 
 #: flwr's own default port for the SuperLink's combined HTTPS API.
@@ -148,32 +148,13 @@ def run_status(connection: str, run_id: int) -> dict[str, Any]:
 
 def write_app(folder: Path) -> Path:
     """The Flower app ``flwr run`` ships: fedcare's components and run-config defaults."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
-        "[project]", 'name = "fedcare"', f'version = "{_app_version()}"',
-        'description = "fedcare: privacy-preserving federated learning for hospitals"',
-        'license = "Apache-2.0"',
-        "# The apps import the fedcare package installed on every SuperLink and SuperNode.",
-        "dependencies = []", "",
-        "[tool.flwr.app]", 'publisher = "fedcare"', "",
-        "[tool.flwr.app.components]",
-        'serverapp = "fedcare.server.app:app"', 'clientapp = "fedcare.client.app:app"', "",
-        "[tool.flwr.app.config]",
-    ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in RunConfig().to_mapping().items()]
-    path = folder / "pyproject.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
+    return write_app_pyproject(
+        folder, name="fedcare", version=_app_version(), config=RunConfig().to_mapping(),
+        preamble=["[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', ""],
+        project=['description = "fedcare: privacy-preserving federated learning for hospitals"',
+                 'license = "Apache-2.0"',
+                 "# The apps import the fedcare package installed on every SuperLink and SuperNode.",
+                 "dependencies = []"])
 
 
 def run_config_arg(values: Mapping[str, Any]) -> str:
@@ -181,15 +162,4 @@ def run_config_arg(values: Mapping[str, Any]) -> str:
     typo fails here and not on the SuperLink after the run started."""
     merged = {**RunConfig().to_mapping(), **values}
     RunConfig.from_mapping(merged)
-    return " ".join(f"{key}={_arg_value(key, value)}" for key, value in values.items())
-
-
-def _arg_value(key: str, value: Any) -> str:
-    """flwr splits ``--run-config`` on quotes without escapes: strings go as TOML literals."""
-    if not isinstance(value, str):
-        return _toml_value(value)
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    raise ConfigError(f"run-config '{key}': a value with both quote kinds cannot be passed to flwr run")
+    return config_arg(values.items(), "run-config")

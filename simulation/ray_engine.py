@@ -17,7 +17,6 @@ The run config reaches the nodes the way Flower's own tooling delivers it: from 
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -29,27 +28,16 @@ from ..server.app import app as server_app
 from ..server.rounds import default_out_dir
 from ..shared.config import DEFAULT_SITE_DELTA, DEFAULT_SITE_EPSILON, RunConfig
 from ..shared.errors import ConfigError
+from ..shared.flower_tools import write_app_pyproject
 from ..shared.registry import get_task
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"run config value {value!r} cannot be passed to Ray nodes")
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def write_app_dir(folder: Path, mapping: dict) -> Path:
     """A minimal Flower app directory whose config table is this run's config."""
-    lines = ["[project]", 'name = "fedcare-ray-run"', 'version = "0.1.0"', "",
-             "[tool.flwr.app]", 'publisher = "fedcare"', "",
-             "[tool.flwr.app.components]", 'serverapp = "fedcare.server.app:app"',
-             'clientapp = "fedcare.client.app:app"', "", "[tool.flwr.app.config]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in mapping.items()]
-    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    for key, value in mapping.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"run config value {value!r} of '{key}' cannot be passed to Ray nodes")
+    write_app_pyproject(folder, name="fedcare-ray-run", version="0.1.0", config=mapping)
     return folder
 
 
