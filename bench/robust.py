@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedcare.client.app import app as honest_app
 from fedcare.shared.config import RunConfig
-from fedcare.simulation.cli import parse_epsilon
+from fedcare.shared.config import parse_epsilon
 from fedcare.simulation.runner import plan_federation, simulate
 
 ATTACKS = {"scaled": 100.0, "signflip": -1.0}

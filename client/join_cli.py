@@ -7,7 +7,6 @@ SuperNode process (exec), so signals and exit codes are Flower's own.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -15,8 +14,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..shared.config import SiteConfig
-from ..shared.errors import ConfigError, DataError
+from ..shared.config import SiteConfig, parse_epsilon
+from ..shared.errors import DataError
 from ..shared.flower_tools import process_env
 from ..shared.keys import generate_hospital_key
 from ..shared.registry import get_task
@@ -64,7 +63,7 @@ def join(
                       f"(see 'fedcare hospital check --task {task} --data {data}')")
         raise typer.Exit(2)
 
-    eps = math.inf if epsilon.strip().lower() in ("inf", "infinity") else _number("--epsilon", epsilon)
+    eps = parse_epsilon(epsilon)
     cfg = SiteConfig.from_mapping({"data": str(data.expanduser().resolve()), "site": site or data.stem,
                                    "epsilon": eps, "delta": delta, "ledger": ledger, "strict": strict})
     supernode.check_ca(ca)
@@ -86,10 +85,3 @@ def keygen(
     """Make this hospital's key pair here; send only the .pub file to the coordinator."""
     pub = generate_hospital_key(out, comment=name)
     console.print(f"private key {out} (mode 600, never leaves this machine); public key {pub}")
-
-
-def _number(flag: str, text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{flag}: expected a number or 'inf', got {text!r}") from None

@@ -152,6 +152,19 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+def parse_epsilon(text: str) -> float:
+    """A command line's ``--epsilon``: a positive number, or 'inf' for no DP."""
+    if text.strip().lower() in ("inf", "infinity", "none"):
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--epsilon: expected a number or 'inf', got {text!r}") from None
+    if not value > 0:
+        raise ConfigError("--epsilon must be > 0 (or 'inf' for no DP)")
+    return value
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """What the hospital itself decides: its data, its name and its privacy budget."""

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
-from ..shared.config import DEFAULT_SITE_DELTA, RunConfig
+from ..shared.config import DEFAULT_SITE_DELTA, RunConfig, parse_epsilon
 from ..shared.errors import ConfigError
 
 app = typer.Typer(help="Simulate a federation of virtual hospitals in one process.",
                   invoke_without_command=True, no_args_is_help=False)
 console = Console()
-
-
-def parse_epsilon(text: str) -> float:
-    if text.strip().lower() in ("inf", "infinity", "none"):
-        return math.inf
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"--epsilon: expected a number or 'inf', got {text!r}") from None
-    if not value > 0:
-        raise ConfigError("--epsilon must be > 0 (or 'inf' for no DP)")
-    return value
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

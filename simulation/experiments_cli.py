@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Option([], "--set", help="Run-config KEY=VALUE for every run."),
     ) -> None:
         """Centralised, local-only, FedAvg, FedProx and FedAdam, without and with DP: table and plot."""
-        from .cli import parse_epsilon
+        from ..shared.config import parse_epsilon
         from .experiments import compare
 
         cfg = _common_config(task, dataset, model, rounds, None, seed, partition, sites, alpha, overrides)
