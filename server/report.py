@@ -90,8 +90,9 @@ def build(folder: Path) -> str:
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
     rounds = _read_csv(folder / "rounds.csv")
-    metrics = [r for r in _read_csv(folder / "metrics.csv") if r.get("phase", "evaluate") == "evaluate"]
-    rejected = [r for r in _read_csv(folder / "metrics.csv") if r.get("status", "ok").startswith("rejected")]
+    all_rows = _read_csv(folder / "metrics.csv")
+    metrics = [r for r in all_rows if r.get("phase", "evaluate") == "evaluate"]
+    rejected = [r for r in all_rows if r.get("status", "ok").startswith("rejected")]
     main = summary.get("main_metric", "accuracy")
     sites: dict[str, Any] = summary.get("sites", {})
     metric_names = [m for m in ("accuracy", "precision", "recall", "f1", "roc_auc", "loss") if

@@ -272,14 +272,12 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
             site.epsilon, site.delta = eps, float(m["delta"])
         site.num_train = int(m["num-examples"])
 
-    new = None
     if cfg.secure_aggregation:
         # Masked updates: validated for form only, summed and unmasked in secagg_round.
         known = [m for m in msgs if m.metadata.dst_node_id in sites]
         new = secagg_round.run(grid, known, rnd, global_arrays, cfg, reject, accept,
                                central=strategy if isinstance(strategy, central_dp._Exact) else None,
                                declared=declared)
-        count = len(known) if new is not None else 0
     else:
         aggregator = make_aggregator(strategy, rnd, global_arrays)
         bound = cfg.central_clip * (1 + 1e-4) if cfg.central_dp == "client" else MAX_UPDATE_NORM
@@ -296,19 +294,18 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
                 continue
             accept(msg)
             aggregator.add(msg)
-        count = aggregator.count
     for node in sorted((sent - answered) | (set(sites) - online)):
         if node in sites:
             sites[node].missed.append(rnd)
             observer.rejected(rnd, sites[node].name, "no reply (offline, or past the round timeout)")
     folder.append_metrics(rows)
-    if not cfg.secure_aggregation:
-        if count < min(cfg.min_sites, len(sites)):
-            log.warning("round %d: %d accepted update(s) < min-sites %d; global model unchanged",
-                        rnd, count, cfg.min_sites)
-            return global_arrays
-        new = aggregator.result()
-    return global_arrays if new is None else new
+    if cfg.secure_aggregation:
+        return global_arrays if new is None else new
+    if aggregator.count < min(cfg.min_sites, len(sites)):
+        log.warning("round %d: %d accepted update(s) < min-sites %d; global model unchanged",
+                    rnd, aggregator.count, cfg.min_sites)
+        return global_arrays
+    return aggregator.result()
 
 
 def _in_node_order(replies):
