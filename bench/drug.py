@@ -33,6 +33,7 @@ import torch
 from fedcare.client import training
 from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
+from fedcare.simulation.cli import parse_overrides
 from fedcare.simulation.runner import plan_federation, simulate
 
 TASK = get_task("drug")
@@ -80,15 +81,7 @@ def main() -> None:
     parser.add_argument("--skip-auc", action="store_true", help="only the step-time ratios")
     parser.add_argument("--set", action="append", default=[], help="run-config KEY=VALUE")
     args = parser.parse_args()
-    overrides: dict = {"num-rounds": args.rounds}
-    for pair in args.set:
-        k, v = pair.split("=", 1)
-        for conv in (int, float, str):
-            try:
-                overrides[k] = conv(v)
-                break
-            except ValueError:
-                continue
+    overrides: dict = {"num-rounds": args.rounds, **parse_overrides(args.set)}
     torch.set_num_threads(1)
     default = TASK.defaults["model"]
     for model in args.models.split(","):

@@ -40,6 +40,7 @@ from PIL import Image
 from fedcare.client import training
 from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
+from fedcare.simulation.cli import parse_overrides
 from fedcare.simulation.runner import plan_federation, simulate
 
 warnings.filterwarnings("ignore")
@@ -157,10 +158,7 @@ def main() -> None:
                         "stain-shifted hospitals instead of the shipped subset")
     parser.add_argument("--hospitals", type=Path, help="where those hospitals' folders are written (reused)")
     args = parser.parse_args()
-    overrides: dict = {}
-    for pair in args.set:
-        k, v = pair.split("=", 1)
-        overrides[k] = int(v) if v.lstrip("-").isdigit() else (float(v) if _is_float(v) else v)
+    overrides = parse_overrides(args.set)
 
     print(f"torch_threads={torch.get_num_threads()}", flush=True)
     if not args.skip_timing:

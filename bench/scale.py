@@ -32,8 +32,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.timers import clock, timed
-from fedcare.client import training
+from bench.timers import clock, time_hospitals
 from fedcare.shared.config import RunConfig
 from fedcare.simulation import runner
 
@@ -60,9 +59,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=24)
     args = parser.parse_args()
-    runner.client_app = timed(runner.client_app, "client")
-    training.train = timed(training.train, "loops")
-    training.evaluate = timed(training.evaluate, "loops")
+    time_hospitals()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths = write_sites(tmp, args.sites, args.records, seed=0)

@@ -31,10 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.timers import clock, timed
-from fedcare.client import training
+from bench.timers import clock, time_hospitals
 from fedcare.shared.config import RunConfig
-from fedcare.simulation import runner
 from fedcare.simulation.runner import plan_federation, simulate
 
 def inprocess(rounds: int, tmp: Path, tag: str, epsilon: float = 1.0) -> tuple[float, float]:
@@ -51,9 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds)
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
-    training.train = timed(training.train, "compute")
-    runner.client_app = timed(runner.client_app, "client")
-    training.evaluate = timed(training.evaluate, "compute")
+    time_hospitals(loops="compute")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         inprocess(2, tmp, "warm")
