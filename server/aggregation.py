@@ -77,12 +77,7 @@ class StrategyAggregator:
     def result(self) -> dict[str, np.ndarray] | None:
         if not self._replies:
             return None
-        from .central_dp import _Exact
-
-        if isinstance(self._strategy, _Exact):
-            arrays, _ = self._strategy.aggregate_accepted(self._round, self._replies)
-        else:
-            arrays, _ = self._strategy.aggregate_train(self._round, self._replies)
+        arrays, _ = self._strategy.aggregate_train(self._round, self._replies)
         if arrays is None:
             return None
         out = to_numpy(arrays)

@@ -52,7 +52,7 @@ def noise_generator() -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
 
 
-class _Exact:
+class CentralDP:
     """Mixin: per-round m, CSPRNG noise in float64, a count of releases.
 
     The count lives in a dict of numpy arrays (``central_account``) because that is what
@@ -61,6 +61,10 @@ class _Exact:
     """
 
     central_account: dict[str, np.ndarray]
+
+    def __init__(self, strategy: Strategy, noise: float, clip: float) -> None:
+        super().__init__(strategy, noise, clip, 1)  # type: ignore[call-arg]
+        self.central_account = {"releases": np.zeros(1, dtype=np.int64)}
 
     @property
     def releases(self) -> int:
@@ -84,25 +88,20 @@ class _Exact:
                                                                    for k, v in mean.items()}))
         return {k: v.numpy() for k, v in record.items()}
 
-    def aggregate_accepted(self, server_round: int, replies: list[Message]):
-        """Equal weights, m = len(replies), then Flower's clip/average/noise."""
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Equal weights, m = the accepted replies, then Flower's clip/average/noise."""
+        replies = list(replies)
         for msg in replies:
             msg.content.metric_records["metrics"][UNIT_WEIGHT] = 1
         self.num_sampled_clients = max(1, len(replies))  # type: ignore[attr-defined]
-        return self.aggregate_train(server_round, replies)  # type: ignore[attr-defined]
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
 
-class ServerSideDP(_Exact, DifferentialPrivacyServerSideFixedClipping):
-    def __init__(self, strategy: Strategy, noise: float, clip: float) -> None:
-        super().__init__(strategy, noise, clip, 1)
-        self.central_account = {"releases": np.zeros(1, dtype=np.int64)}
+class ServerSideDP(CentralDP, DifferentialPrivacyServerSideFixedClipping):
+    pass
 
 
-class ClientSideDP(_Exact, DifferentialPrivacyClientSideFixedClipping):
-    def __init__(self, strategy: Strategy, noise: float, clip: float) -> None:
-        super().__init__(strategy, noise, clip, 1)
-        self.central_account = {"releases": np.zeros(1, dtype=np.int64)}
-
+class ClientSideDP(CentralDP, DifferentialPrivacyClientSideFixedClipping):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         # Sites read the clipping bound from the run config; a message config key would be
@@ -121,7 +120,7 @@ def wrap(strategy: FedAvg, cfg: RunConfig) -> Strategy:
 
 def report(strategy: Strategy, cfg: RunConfig) -> dict[str, Any]:
     """``summary.json``'s ``central_dp`` entry (empty without central DP)."""
-    if not isinstance(strategy, _Exact):
+    if not isinstance(strategy, CentralDP):
         return {}
     releases = strategy.releases
     eps = privacy.epsilon([(cfg.central_noise, 1.0, releases)], CENTRAL_DELTA) if releases else 0.0

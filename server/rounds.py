@@ -276,7 +276,7 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
         # Masked updates: validated for form only, summed and unmasked in secagg_round.
         known = [m for m in msgs if m.metadata.dst_node_id in sites]
         new = secagg_round.run(grid, known, rnd, global_arrays, cfg, reject, accept,
-                               central=strategy if isinstance(strategy, central_dp._Exact) else None,
+                               central=strategy if isinstance(strategy, central_dp.CentralDP) else None,
                                declared=declared)
     else:
         aggregator = make_aggregator(strategy, rnd, global_arrays)
