@@ -74,13 +74,13 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = []
+        return list(self._replies(message_ids))
+
+    def _replies(self, message_ids: Iterable[str]) -> Iterator[Message]:
         for mid in message_ids:
-            msg = self._pending.pop(mid)
-            reply = self._deliver(msg)
+            reply = self._deliver(self._pending.pop(mid))
             if reply is not None:
-                replies.append(reply)
-        return replies
+                yield reply
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
         """Replies one at a time, each computed when the caller asks for it.
@@ -88,11 +88,7 @@ class InProcessGrid(Grid):
         A generator, so the coordinator folds each update into its aggregate before the
         next hospital trains: with a thousand sites no list of updates ever exists.
         """
-        ids = list(self.push_messages(messages))
-        for mid in ids:
-            reply = self._deliver(self._pending.pop(mid))
-            if reply is not None:
-                yield reply
+        yield from self._replies(list(self.push_messages(messages)))
 
     # -- persistent node state (checkpoints) -----------------------------------------
     def node_states(self) -> dict[int, bytes]:
