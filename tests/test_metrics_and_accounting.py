@@ -7,7 +7,8 @@ import pytest
 from opacus.accountants.analysis import rdp as opacus_rdp
 from sklearn import metrics as skm
 
-from fedcare.client.privacy import _INTEGER_ORDERS, _rdp_integer_orders, calibrate_noise, epsilon
+from fedcare.client.privacy import (ALPHAS, _INTEGER_ORDERS, _rdp_integer_orders, calibrate_noise, epsilon,
+                                    rdp_per_step)
 from fedcare.shared.metrics import binary_metrics
 
 
@@ -32,6 +33,17 @@ def test_binary_metrics_equal_scikit_learn():
 def test_integer_order_rdp_equals_opacus(sigma, q):
     ref = np.array(opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(_INTEGER_ORDERS)))
     assert np.allclose(_rdp_integer_orders(sigma, q), ref, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.8, 1.0, 3.0, 50.0])
+@pytest.mark.parametrize("q", [1e-4, 0.01, 0.16, 0.5, 0.99, 1.0])
+def test_rdp_and_epsilon_equal_opacus_at_every_order(sigma, q):
+    ref = np.array(opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=ALPHAS))
+    ours = rdp_per_step(sigma, q)
+    assert np.allclose(ours, ref, rtol=1e-6, atol=1e-11)
+    for steps in (1, 300, 20000):
+        want = opacus_rdp.get_privacy_spent(orders=ALPHAS, rdp=ref * steps, delta=1e-5)[0]
+        assert epsilon([(sigma, q, steps)], 1e-5) == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("q,steps,target", [(1 / 7, 35, 1.0), (0.5, 10, 1.0), (1.0, 5, 1.0), (1 / 13, 260, 3.0)])
