@@ -107,32 +107,52 @@ def _message_config(msg: Message) -> dict[str, Any]:
     return config
 
 
-def _guarded(handler: Callable[[_Job], RecordDict]) -> Callable[[Message, Context], Message]:
+#: (error type, wire code, log level, local log line), first match wins; anything else is
+#: INTERNAL_ERROR. The error's details go to the site's own log only.
+WIRE_CODES: tuple[tuple[type[Exception], int, int, str], ...] = (
+    (BudgetExceeded, errors.BUDGET_REFUSED, logging.WARNING, "refused: %s"),
+    (ledger_mod.LedgerTampered, errors.LEDGER_INVALID, logging.ERROR, "privacy ledger failed verification: %s"),
+    (ConfigError, errors.CONFIG_REJECTED, logging.WARNING, "config rejected: %s"),
+    (DataError, errors.DATA_INVALID, logging.ERROR, "site data invalid: %s"),
+)
+
+
+def error_reply(msg: Message, exc: Exception, codes=WIRE_CODES) -> Message:
+    """Log ``exc`` here; reply its code and fedcare's fixed reason, never the exception text.
+
+    Exception text could quote a patient value. Only a budget refusal appends its message,
+    which fedcare writes from ε, δ and the budget, never from data.
+    """
+    for kind, code, level, line in codes:
+        if isinstance(exc, kind):
+            log.log(level, line, exc)
+            reason = errors.WIRE_REASONS[code]
+            if code == errors.BUDGET_REFUSED:
+                reason = f"{reason}: {exc}"
+            return Message(Error(code, reason), reply_to=msg)
+    log.error("internal error while handling %s", msg.metadata.message_type, exc_info=exc)
+    return Message(Error(errors.INTERNAL_ERROR, errors.WIRE_REASONS[errors.INTERNAL_ERROR]), reply_to=msg)
+
+
+def guard(handler: Callable[[Message, Context], RecordDict],
+          codes=WIRE_CODES) -> Callable[[Message, Context], Message]:
+    """The Flower handler: ``handler``'s records as the reply, or ``error_reply`` if it raises."""
     def wrapped(msg: Message, context: Context) -> Message:
         try:
-            job = _Job(msg, context)
-            return Message(handler(job), reply_to=msg)
-        except BudgetExceeded as exc:
-            log.warning("refused: %s", exc)
-            return Message(Error(errors.BUDGET_REFUSED, f"{errors.WIRE_REASONS[errors.BUDGET_REFUSED]}: {exc}"),
-                           reply_to=msg)
-        except ledger_mod.LedgerTampered as exc:
-            log.error("privacy ledger failed verification: %s", exc)
-            return Message(Error(errors.LEDGER_INVALID, errors.WIRE_REASONS[errors.LEDGER_INVALID]), reply_to=msg)
-        except ConfigError as exc:
-            log.warning("config rejected: %s", exc)
-            return Message(Error(errors.CONFIG_REJECTED, errors.WIRE_REASONS[errors.CONFIG_REJECTED]),
-                           reply_to=msg)
-        except DataError as exc:
-            log.error("site data invalid: %s", exc)
-            return Message(Error(errors.DATA_INVALID, errors.WIRE_REASONS[errors.DATA_INVALID]), reply_to=msg)
-        except Exception:  # noqa: BLE001 - anything else must not leak its text
-            log.exception("internal error while handling %s", msg.metadata.message_type)
-            return Message(Error(errors.INTERNAL_ERROR, errors.WIRE_REASONS[errors.INTERNAL_ERROR]),
-                           reply_to=msg)
+            return Message(handler(msg, context), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - error_reply never sends the text
+            return error_reply(msg, exc, codes)
 
     wrapped.__name__ = handler.__name__
     return wrapped
+
+
+def _guarded(handler: Callable[[_Job], RecordDict]) -> Callable[[Message, Context], Message]:
+    def with_job(msg: Message, context: Context) -> RecordDict:
+        return handler(_Job(msg, context))
+
+    with_job.__name__ = handler.__name__
+    return guard(with_job)
 
 
 @app.query()

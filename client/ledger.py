@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..shared.atomic import write_text_atomic
 from ..shared.config import RunConfig, SiteConfig
 from ..shared.errors import FedcareError
 from . import privacy
@@ -195,9 +196,7 @@ class Ledger:
                 fh.flush()
                 os.fsync(fh.fileno())
             heads[key] = {"count": entry["seq"], "hash": entry["hash"], "label": label}
-            tmp = self.dir / (HEADS + ".tmp")
-            tmp.write_text(json.dumps(heads, indent=1, sort_keys=True))
-            os.replace(tmp, self.dir / HEADS)
+            write_text_atomic(self.dir / HEADS, json.dumps(heads, indent=1, sort_keys=True))
             return entry
 
 

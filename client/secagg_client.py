@@ -22,14 +22,12 @@ import logging
 import os
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from ..shared import errors, secagg
 from ..shared.config import RunConfig
 from ..shared.errors import ConfigError
-from .app import app
-
-log = logging.getLogger("fedcare.client")
+from .app import app, guard
 
 STATE = "fedcare.secagg"
 
@@ -38,21 +36,12 @@ class ProtocolError(ConfigError):
     """The coordinator broke the secure-aggregation protocol; the site stops this round."""
 
 
-def _guard(handler):
-    def wrapped(msg: Message, context: Context) -> Message:
-        try:
-            return Message(handler(msg, context), reply_to=msg)
-        except ConfigError as exc:
-            log.warning("secure aggregation refused: %s", exc)
-            return Message(Error(errors.CONFIG_REJECTED, errors.WIRE_REASONS[errors.CONFIG_REJECTED]),
-                           reply_to=msg)
-        except Exception:  # noqa: BLE001 - never send exception text
-            log.exception("secure aggregation failed")
-            return Message(Error(errors.INTERNAL_ERROR, errors.WIRE_REASONS[errors.INTERNAL_ERROR]),
-                           reply_to=msg)
+#: Narrower than the app's: a refused protocol step is CONFIG_REJECTED, anything else INTERNAL_ERROR.
+WIRE_CODES = ((ConfigError, errors.CONFIG_REJECTED, logging.WARNING, "secure aggregation refused: %s"),)
 
-    wrapped.__name__ = handler.__name__
-    return wrapped
+
+def _guard(handler):
+    return guard(handler, WIRE_CODES)
 
 
 def _request(msg: Message) -> ConfigRecord:

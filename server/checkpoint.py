@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..shared.atomic import write_bytes_atomic
 from ..shared.errors import ConfigError
 
 FILE = "checkpoint.npz"
@@ -117,12 +117,7 @@ def save(folder: Path, ckpt: Checkpoint) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     path = Path(folder) / FILE
-    tmp = path.with_name(FILE + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue(), fsync=True)
     return path
 
 

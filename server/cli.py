@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..shared.atomic import write_text_atomic
 from ..shared.config import RunConfig
 from ..shared.errors import ConfigError
 from ..shared.keys import load_public_key
@@ -250,10 +251,7 @@ def _read_registry(folder: Path) -> dict[str, Any]:
 
 def _write_registry(folder: Path, registry: dict[str, Any]) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
-    path = Path(folder) / REGISTRY
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(Path(folder) / REGISTRY, json.dumps(registry, indent=2, sort_keys=True) + "\n")
 
 
 def _resolve(hospital: str, registry: dict[str, Any]) -> tuple[str | None, int]:

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..shared.atomic import atomic_path, write_text_atomic
 from .results import write_json
 
 log = logging.getLogger("fedcare.server")
@@ -43,9 +44,7 @@ def write_all(folder: Path, task: Any, cfg: Any, summary: Mapping[str, Any]) -> 
     ts_note = export_torchscript(model, folder / TORCHSCRIPT)
     card = model_card(task, cfg, summary, torchscript=ts_note)
     write_json(folder / CARD_JSON, card)
-    tmp = folder / (CARD_MD + ".tmp")
-    tmp.write_text(card_markdown(card))
-    tmp.replace(folder / CARD_MD)
+    write_text_atomic(folder / CARD_MD, card_markdown(card))
     return card
 
 
@@ -61,9 +60,8 @@ def export_torchscript(model: torch.nn.Module, path: Path) -> str:
         log.warning("TorchScript export skipped: %s", type(exc).__name__)
         path.unlink(missing_ok=True)
         return f"not exported: the model is not scriptable ({type(exc).__name__})"
-    tmp = path.with_name(path.name + ".tmp")
-    scripted.save(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        scripted.save(str(tmp))
     return "ok"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 import typer
 
+from ..shared.atomic import atomic_path
 from ..shared.config import RunConfig
 from ..shared.errors import ConfigError
 from ..shared.registry import get_task
@@ -38,9 +38,8 @@ def write_csv(frame, out: Path | None) -> bool:
     if out is None:
         typer.echo(frame.to_csv(index=False), nl=False)
         return False
-    tmp = out.with_name(out.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
     return True
 
 

@@ -16,10 +16,10 @@ import csv
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..shared.atomic import write_text_atomic
 from . import charts
 
 FILE = "report.html"
@@ -170,7 +170,5 @@ def build(folder: Path) -> str:
 def write_report(folder: Path, out: Path | None = None) -> Path:
     folder = Path(folder)
     out = Path(out) if out else folder / FILE
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(build(folder), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, build(folder), encoding="utf-8")
     return out

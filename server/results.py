@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from ..shared.atomic import atomic_path, write_text_atomic
 from . import charts
 
 METRIC_COLUMNS = ["round", "site", "node_id", "status", "num_train", "num_test", "train_loss",
@@ -44,9 +45,7 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(dict(payload)), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_clean(dict(payload)), indent=2, sort_keys=False) + "\n")
 
 
 class RunFolder:
@@ -93,13 +92,11 @@ class RunFolder:
             for k in row:
                 if k not in keys:
                     keys.append(k)
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as fh:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()
             for row in existing + rows:
                 writer.writerow({k: _fmt(row.get(k)) for k in keys})
-        os.replace(tmp, path)
         self._metric_keys = keys
 
     def truncate(self, last_round: int) -> None:
@@ -112,12 +109,10 @@ class RunFolder:
                 reader = csv.DictReader(fh)
                 keys = list(reader.fieldnames or [])
                 kept = [r for r in reader if _round_of(r) <= last_round]
-            tmp = path.with_suffix(".csv.tmp")
-            with tmp.open("w", newline="") as fh:
+            with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=keys)
                 writer.writeheader()
                 writer.writerows(kept)
-            os.replace(tmp, path)
         self._metric_keys = None
 
     def append_round(self, row: Mapping[str, Any]) -> None:
@@ -130,22 +125,19 @@ class RunFolder:
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as fh:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: _fmt(r.get(k)) for k in keys})
-        os.replace(tmp, path)
 
     def save_model(self, state: Mapping[str, np.ndarray], prep: Mapping[str, np.ndarray]) -> None:
         self.save_arrays("model.pt", state)
         np.savez(self.file("preprocess.npz"), **{k: np.asarray(v) for k, v in prep.items()})
 
     def save_arrays(self, name: str, state: Mapping[str, np.ndarray]) -> None:
-        tmp = self.file(name + ".tmp")
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp)
-        os.replace(tmp, self.file(name))
+        with atomic_path(self.file(name)) as tmp:
+            torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp)
 
     def best_round(self, column: str, also: str) -> tuple[int, float, float | None] | None:
         """The round with the highest ``column`` in rounds.csv so far, that value and its ``also``."""

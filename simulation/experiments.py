@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..shared.atomic import atomic_path
 from ..shared.config import RunConfig
 from ..shared.errors import ConfigError
 from ..shared.registry import get_task
@@ -167,14 +167,12 @@ def _start(out: Path) -> None:
 
 def _write_runs(path: Path, results: list[Result], metric: str) -> None:
     sites = sorted({s for r in results for s in r.per_site})
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "dp", "epsilon", "seed", f"mean_site_{metric}", *sites])
         for r in results:
             w.writerow([r.method, r.dp, "inf" if not r.dp else f"{r.epsilon:g}", r.seed, f"{r.score:.4f}",
                         *[f"{r.per_site[s]:.4f}" if s in r.per_site else "" for s in sites]])
-    os.replace(tmp, path)
 
 
 def _table_rows(results: list[Result], key, order) -> list[dict]:
@@ -190,14 +188,12 @@ def _table_rows(results: list[Result], key, order) -> list[dict]:
 
 def _write_table(out: Path, name: str, rows: list[dict], metric: str, *, first: str,
                  epsilon: float | None = None) -> None:
-    tmp = out / f"{name}.csv.tmp"
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(out / f"{name}.csv") as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow([first, "dp", f"{metric}_mean", f"{metric}_std", "seeds"])
         for r in rows:
             label = r["method"] if first == "method" else ("inf" if not r["dp"] else f"{r['epsilon']:g}")
             w.writerow([label, r["dp"], f"{r['mean']:.4f}", f"{r['std']:.4f}", r["n"]])
-    os.replace(tmp, out / f"{name}.csv")
     lines = [f"| {first} | DP | {metric} (mean ± std over seeds) |", "|---|---|---:|"]
     for r in rows:
         label = r["method"] if first == "method" else ("∞" if not r["dp"] else f"{r['epsilon']:g}")
