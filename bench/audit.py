@@ -12,21 +12,21 @@ mean over sites (and seeds) of the attack ROC-AUC: ``mia_auc_eps3=`` (target <= 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import argparse
 import math
 import statistics
-import tempfile
-from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.runs import run_config, simulated
 from fedcare.server.audit import audit
-from fedcare.shared.config import RunConfig
-from fedcare.simulation.runner import plan_federation, simulate
 
 
 def aucs(epsilon: float, rounds: int, seed: int, model: str) -> list[tuple[float, float]]:
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": rounds, "seed": seed, "model": model})
-    with tempfile.TemporaryDirectory() as tmp:
-        out = simulate(cfg, plan_federation(cfg, epsilon=epsilon, delta=1e-5), out=Path(tmp) / "run")
+    cfg = run_config({"num-rounds": rounds, "seed": seed, "model": model})
+    with simulated(cfg, epsilon) as out:
         return [(s["mia_auc"], s["mia_auc_calibrated"]) for s in audit(out)["sites"].values()]
 
 

@@ -19,36 +19,32 @@ chosen).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import argparse
-import json
 import math
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.runs import run_config, summary
 from fedcare.client import training
 from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
 from fedcare.simulation.cli import parse_overrides
-from fedcare.simulation.runner import plan_federation, simulate
 
 TASK = get_task("drug")
 
 
 def config(overrides: dict) -> RunConfig:
-    return RunConfig.from_mapping({**RunConfig().to_mapping(), "task": "drug", **overrides})
+    return run_config({"task": "drug", **overrides})
 
 
 def mean_site_auc(epsilon: float, seed: int, overrides: dict) -> float:
-    cfg = config({**overrides, "seed": seed})
-    fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = simulate(cfg, fed, out=Path(tmp) / "run")
-        return json.loads((out / "summary.json").read_text())["mean_site_roc_auc"]
+    return summary(config({**overrides, "seed": seed}), epsilon)["mean_site_roc_auc"]
 
 
 def step_times(overrides: dict, steps: int = 30, repeats: int = 5) -> tuple[float, float, float]:

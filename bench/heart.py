@@ -10,24 +10,21 @@ prints ``heart_acc_nodp=`` and ``heart_acc_dp1=`` (and their spread over seeds).
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import statistics
-import tempfile
+import sys
 from pathlib import Path
 
+import argparse
+import math
+import statistics
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.runs import run_config, summary
 from fedcare.shared.config import RunConfig
-from fedcare.simulation.runner import plan_federation, simulate
 
 
 def mean_site_accuracy(epsilon: float, seed: int, rounds: int, overrides: dict) -> float:
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": rounds, "seed": seed, **overrides})
-    # rounds == 0 means the task's default
-    fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = simulate(cfg, fed, out=Path(tmp) / "run")
-        return json.loads((out / "summary.json").read_text())["mean_site_accuracy"]
+    cfg = run_config({"num-rounds": rounds, "seed": seed, **overrides})  # rounds == 0: the task's default
+    return summary(cfg, epsilon)["mean_site_accuracy"]
 
 
 def main() -> None:

@@ -26,33 +26,33 @@ as four hospital folders and read through ``--data`` as real hospitals are:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import argparse
 import csv
 import math
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.runs import run_config, simulated
 from fedcare.client import training
 from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
 from fedcare.simulation.cli import parse_overrides
-from fedcare.simulation.runner import plan_federation, simulate
 
 warnings.filterwarnings("ignore")
 
 
 def federated(epsilon: float, rounds: int, seed: int, overrides: dict,
               hospitals: list[Path] | None = None) -> dict[str, float]:
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "task": "pathology", "num-rounds": rounds,
-                                  "seed": seed, **overrides})
-    fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5, data=hospitals or ())
-    with tempfile.TemporaryDirectory() as tmp:
-        out = simulate(cfg, fed, out=Path(tmp) / "run")
+    cfg = run_config({"task": "pathology", "num-rounds": rounds, "seed": seed, **overrides})
+    with simulated(cfg, epsilon, data=hospitals or ()) as out:
         last = list(csv.DictReader((out / "rounds.csv").open()))[-1]
     return {k: float(v) for k, v in last.items() if v not in ("", None) and _is_float(v)}
 
@@ -87,7 +87,7 @@ def write_hospitals(root: Path, out: Path, seed: int) -> list[Path]:
 
 def bench_config(overrides: dict) -> RunConfig:
     task = get_task("pathology")
-    return RunConfig.from_mapping({**RunConfig(task="pathology").to_mapping(), **overrides}).resolved(task.defaults)
+    return run_config({"task": "pathology", **overrides}).resolved(task.defaults)
 
 
 def step_times(batch_size: int, repeats: int, overrides: dict) -> tuple[float, float]:

@@ -21,22 +21,23 @@ seeds, with per-seed values and the first seed's bootstrap intervals), ``ndcg3_f
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import argparse
 import json
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.runs import run_config, summary
 from fedcare.client import training
-from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
 from fedcare.shared.tasks import _policy
 from fedcare.shared.tasks.base import Records
 from fedcare.shared.tasks.recommendation import Cases
-from fedcare.simulation.runner import plan_federation, simulate
 
 #: Run-config overrides for the ACTG target (the task defaults serve both datasets; the
 #: longitudinal target runs on them). With ~400 patients per hospital a batch of 256 is
@@ -45,20 +46,17 @@ ACTG_SETTINGS = {"batch-size": 256, "lr": 0.05}
 
 
 def federated(dataset: str, epsilon: float, rounds: int, seed: int, overrides: dict) -> dict:
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "task": "recommendation", "dataset": dataset,
-                                  "num-rounds": rounds, "seed": seed, **overrides})
-    with tempfile.TemporaryDirectory() as tmp:
-        out = simulate(cfg, plan_federation(cfg, epsilon=epsilon, delta=1e-5), out=Path(tmp) / "run")
-        return json.loads((out / "summary.json").read_text())
+    cfg = run_config({"task": "recommendation", "dataset": dataset, "num-rounds": rounds, "seed": seed,
+                      **overrides})
+    return summary(cfg, epsilon)
 
 
 def pooled_ndcg3(rounds: int, seed: int, overrides: dict) -> tuple[float, float]:
     """NDCG@3 of the federation's model trained centrally on all hospitals' training
     records, and of a random ranking of the same held-out responses."""
     task = get_task("recommendation")
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "task": "recommendation",
-                                  "dataset": "longitudinal", "num-rounds": rounds, "seed": seed,
-                                  **overrides}).resolved(task.defaults)
+    cfg = run_config({"task": "recommendation", "dataset": "longitudinal", "num-rounds": rounds, "seed": seed,
+                      **overrides}).resolved(task.defaults)
     sites = task.builtin_sites("longitudinal", seed)
     train_cases = Cases.concat([s.train.data for s in sites])
     test_cases = Cases.concat([s.test.data for s in sites])

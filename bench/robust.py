@@ -12,19 +12,19 @@ drop <= 0.02 for median, trimmed-mean and krum).
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
+import sys
 from pathlib import Path
+
+import argparse
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.clientapp import ClientApp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
+from bench.runs import run_config, summary
 from fedcare.client.app import app as honest_app
-from fedcare.shared.config import RunConfig
 from fedcare.shared.config import parse_epsilon
-from fedcare.simulation.runner import plan_federation, simulate
 
 ATTACKS = {"scaled": 100.0, "signflip": -1.0}
 
@@ -49,12 +49,9 @@ def corrupting(factor: float) -> ClientApp:
 
 
 def accuracy(strategy: str, attack: str | None, rounds: int, epsilon: float, seed: int) -> float:
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": rounds, "strategy": strategy,
-                                  "seed": seed, "reproducible-noise": True})
+    cfg = run_config({"num-rounds": rounds, "strategy": strategy, "seed": seed, "reproducible-noise": True})
     apps = {1: corrupting(ATTACKS[attack])} if attack else None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = simulate(cfg, plan_federation(cfg, epsilon=epsilon, delta=1e-5), out=Path(tmp) / "run", apps=apps)
-        return json.loads((out / "summary.json").read_text())["mean_site_accuracy"]
+    return summary(cfg, epsilon, apps=apps)["mean_site_accuracy"]
 
 
 def main() -> None:
