@@ -1,7 +1,7 @@
 """Networks for multi-label molecular property prediction, all DP-SGD compatible.
 
 * ``DescriptorMLP``: MACCS keys, RDKit properties and 2D descriptors (427 numbers)
-  through one hidden layer. Few parameters and dense, informative inputs: the cheapest
+  through one LayerNorm-ed hidden layer. Few parameters and dense, informative inputs: the cheapest
   model to privatise (with ghost clipping, about 1.5x a plain step).
 * ``TokenCNN``: SMILES tokens, embedding, two 1D convolutions, max-pool over the string.
 * ``TokenLSTM``: SMILES tokens through Opacus' ``DPLSTM`` (an LSTM built from linear
@@ -21,9 +21,17 @@ from ._molecules import PAD, VOCAB
 
 
 class DescriptorMLP(nn.Module):
+    """One hidden layer, LayerNorm before its ReLU.
+
+    The LayerNorm keeps the hidden activations' scale fixed while DP noise perturbs the
+    first layer's weights; on Tox21 at ε = 8 it raised the validation ROC-AUC by about
+    0.01 (mean of 8 scaffold splits, twice), where width, learning rate, schedules, and
+    other activations did not help (README, Drug).
+    """
+
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, dropout: float = 0.2) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
