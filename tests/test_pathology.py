@@ -19,7 +19,7 @@ from fedcare.shared.errors import DataError
 from fedcare.shared.registry import get_task
 from fedcare.shared.splits import split_indices, split_site
 from fedcare.shared.tasks import _stain
-from fedcare.shared.tasks.pathology import DATASETS_DIR, site_stain
+from fedcare.shared.tasks.pathology import DATASETS_DIR, _pixel_sums, site_stain
 
 PCAM = DATASETS_DIR / "pcam"
 TASK = get_task("pathology")
@@ -342,3 +342,13 @@ def test_kather_is_multiclass_with_per_class_metrics():
     assert scores.shape == (len(site.test), 8)
     metrics = TASK.metrics(scores, targets)
     assert {"accuracy", "f1", "f1_tumor", "f1_adipose"} <= set(metrics)
+
+
+def test_pixel_statistics_are_summed_in_chunks_exactly():
+    images = np.random.default_rng(0).integers(0, 256, (37, 6, 5, 3)).astype(np.uint8)
+    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+    sums = _pixel_sums(images, chunk=8)  # 37 images: four full chunks and a partial one
+    assert np.allclose(sums["pixel_sum"], pixels.sum(axis=0))
+    assert np.allclose(sums["pixel_sq_sum"], (pixels ** 2).sum(axis=0))
+    assert sums["pixel_count"][0] == len(pixels)
+    assert _pixel_sums(images[:0])["pixel_count"][0] == 0
