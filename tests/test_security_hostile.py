@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -76,6 +77,14 @@ def test_a_good_reply_passes() -> None:
 def test_hostile_reply_is_rejected_with_a_reason(kind: str) -> None:
     verdict = validation.check_train_reply(HOSTILE[kind](), REF, 1e4)
     assert not verdict.ok and verdict.reason
+
+
+def test_a_count_above_the_declared_one_is_rejected() -> None:
+    msg = _reply(_good())  # claims 100 examples
+    assert validation.check_declared_count(msg, 100).ok and validation.check_declared_count(msg, 250).ok
+    verdict = validation.check_declared_count(msg, 99)
+    assert not verdict.ok and "100" in verdict.reason and "the 99 declared" in verdict.reason
+    assert validation.check_declared_count(msg, 0).ok  # nothing declared (no SiteStatus): no bound
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "a" * 200, "", "x y", "naïve"])
@@ -168,6 +177,37 @@ def test_hostile_hospitals_are_excluded_and_the_run_goes_on(tmp_path: Path) -> N
     # The aggregate is exactly that of the honest sites alone.
     clean = simulate(cfg, fed, out=tmp_path / "honest-only",
                      unreachable=lambda node, msg: node in hostile and msg.metadata.message_type == "train")
+    a, b = torch.load(out / "model.pt"), torch.load(clean / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_hospital_inflating_its_count_after_preprocessing_is_rejected(tmp_path: Path) -> None:
+    """Honest in the preprocessing round, then 100x the count in every (valid) train reply."""
+    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": 2})  # the heart hospitals
+    fed = plan_federation(cfg, epsilon=math.inf, delta=1e-5)
+    honest: list[int] = []
+
+    def inflate(msg, reply):
+        honest.append(int(reply.content["metrics"]["num-examples"]))
+        reply.content["metrics"]["num-examples"] = 100 * honest[-1]
+        return reply
+
+    out = simulate(cfg, fed, out=tmp_path / "inflated", apps={2: corrupting(inflate)})
+    n = honest[0]
+    assert honest == [n, n]  # the update itself was the honest one, in both rounds
+    with (out / "metrics.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["phase"] == "train"]
+    assert [(int(r["round"]), int(r["node_id"])) for r in rows] == [(1, 2), (2, 2)]  # others: accepted
+    for r in rows:
+        assert r["status"] == f"rejected: num-examples {100 * n} exceeds the {n} declared in the preprocessing round"
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and len(summary["sites"]) == fed.size
+    assert summary["sites"][rows[0]["site"]]["num_train"] == n  # the declared count, never the inflated one
+
+    # The run went on: the global model is exactly the aggregate of the three honest sites.
+    clean = simulate(cfg, fed, out=tmp_path / "honest-only",
+                     unreachable=lambda node, msg: node == 2 and msg.metadata.message_type == "train")
     a, b = torch.load(out / "model.pt"), torch.load(clean / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
