@@ -19,8 +19,9 @@ from ..shared.arrays import to_numpy
 
 
 class Aggregator(Protocol):
-    def add(self, msg: Message) -> None:
-        """Take one accepted (already validated) train reply."""
+    def add(self, msg: Message, decoded: dict[str, np.ndarray] | None = None) -> None:
+        """Take one accepted (already validated) train reply; ``decoded``: its arrays as
+        validation decoded them, if it did."""
 
     def result(self) -> dict[str, np.ndarray] | None:
         """The aggregated arrays, or None if nothing was accepted."""
@@ -40,13 +41,13 @@ class StreamingFedAvg:
         self._key = weight_key
         self.count = 0
 
-    def add(self, msg: Message) -> None:
+    def add(self, msg: Message, decoded: dict[str, np.ndarray] | None = None) -> None:
         w = float(msg.content.metric_records["metrics"][self._key])
         arrays = msg.content.array_records["arrays"]
         if self._sum is None:
             self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self._reference.items()}
         for k in self._sum:
-            self._sum[k] += w * arrays[k].numpy()
+            self._sum[k] += w * (decoded[k] if decoded is not None else arrays[k].numpy())
         self._weight += w
         self.count += 1
 
@@ -67,7 +68,8 @@ class StrategyAggregator:
     def count(self) -> int:
         return len(self._replies)
 
-    def add(self, msg: Message) -> None:
+    def add(self, msg: Message, decoded: dict[str, np.ndarray] | None = None) -> None:
+        # Flower's strategies decode the records themselves (``decoded`` is not used).
         # Flower's rules pair arrays by position: put them in the global model's order,
         # whatever order the site sent them in (names were validated, order was not).
         arrays = msg.content.array_records["arrays"]

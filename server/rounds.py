@@ -287,13 +287,14 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
                 continue  # made by the SuperLink (node unavailable, reply expired): counted as missed below
             verdict = validation.check_train_reply(msg, global_arrays, bound) if node in sites else \
                 validation.Verdict(False, "site skipped the preprocessing round")
+            decoded = verdict.arrays
             if verdict.ok:
                 verdict = validation.check_declared_count(msg, declared.get(node, 0))
             if not verdict.ok:
                 reject(node, verdict.reason, msg)
                 continue
             accept(msg)
-            aggregator.add(msg)
+            aggregator.add(msg, decoded)
     for node in sorted((sent - answered) | (set(sites) - online)):
         if node in sites:
             sites[node].missed.append(rnd)

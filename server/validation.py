@@ -26,6 +26,9 @@ MAX_EXAMPLES = 10_000_000
 class Verdict:
     ok: bool
     reason: str = ""
+    #: A train reply's arrays as decoded while checking them, so that aggregation does not
+    #: decode every accepted update a second time.
+    arrays: dict[str, np.ndarray] | None = None
 
 
 def site_name(msg: Message) -> str:
@@ -81,6 +84,7 @@ def check_train_reply(msg: Message, reference: dict[str, np.ndarray], max_update
         missing, extra = sorted(set(reference) - keys), sorted(keys - set(reference))
         return Verdict(False, f"array names differ (missing {missing[:3]}, unexpected {extra[:3]})")
     sq = 0.0
+    decoded: dict[str, np.ndarray] = {}
     for key, ref in reference.items():
         arr = record[key]
         if tuple(arr.shape) != tuple(ref.shape):
@@ -95,10 +99,11 @@ def check_train_reply(msg: Message, reference: dict[str, np.ndarray], max_update
             return Verdict(False, f"array '{key}' holds NaN or infinite values")
         if value.dtype.kind == "f":
             sq += float(np.sum((value.astype(np.float64) - ref) ** 2))
+        decoded[key] = value
     norm = math.sqrt(sq)
     if norm > max_update_norm:
         return Verdict(False, f"update norm {norm:.3g} exceeds bound {max_update_norm:.3g}")
-    return Verdict(True)
+    return Verdict(True, arrays=decoded)
 
 
 def check_declared_count(msg: Message, declared: int) -> Verdict:
