@@ -109,9 +109,10 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
             observer.round_done(saved.round, cfg.num_rounds, task.main_metric,
                                 math.nan if saved.last_metric is None else saved.last_metric,
                                 _max_epsilon(sites), [])
-        val_column = f"val_{task.main_metric}"
-        best = folder.best_round(val_column, task.main_metric)
-        if saved is not None and best is not None and best[0] == saved.round:
+        # (round, validation metric, test metric) of the best model so far; only a resumed
+        # run has earlier rounds to read it from.
+        best = folder.best_round(f"val_{task.main_metric}", task.main_metric) if saved is not None else None
+        if best is not None and best[0] == saved.round:
             # The best model is saved after its round's checkpoint; a kill in between
             # left the file a round behind, and the checkpoint holds that round's model.
             folder.save_arrays(BEST_MODEL, global_arrays)
