@@ -51,7 +51,7 @@ class Records:
     #: run folder as ``skipped.csv``.
     skipped: tuple[tuple[str, str], ...] = ()
     #: Records the hospital itself set aside for testing (a ``test/`` folder, a manifest's
-    #: ``split`` column), or None to draw the split; ``split_indices`` honours it.
+    #: ``split`` column), or None to draw the split; ``splits.split_site`` honours it.
     test_mask: np.ndarray | None = None
 
     def __len__(self) -> int:

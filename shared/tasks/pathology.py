@@ -137,17 +137,9 @@ def _deal(labels: np.ndarray, parts: int, rng: np.random.Generator) -> list[np.n
     return [np.sort(np.asarray(o, dtype=int)) for o in out]
 
 
-def _pixel_sums(images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
-    """Per-channel sums and sums of squares of (N, H, W, 3) uint8 images scaled to [0, 1],
-    a chunk of images at a time: a float64 copy of a whole site (19k PCam patches) is
-    about 4 GB."""
-    total, squares = np.zeros(3), np.zeros(3)
-    for start in range(0, len(images), chunk):
-        pixels = images[start:start + chunk].reshape(-1, 3).astype(np.float64) / 255.0
-        total += pixels.sum(axis=0)
-        squares += (pixels ** 2).sum(axis=0)
-    count = float(len(images)) * float(np.prod(images.shape[1:3])) if len(images) else 0.0
-    return {"pixel_sum": total, "pixel_sq_sum": squares, "pixel_count": np.array([count])}
+def _pixel_sums(images: np.ndarray, chunk: int = _stain._CHUNK) -> dict[str, np.ndarray]:
+    """Per-channel sums and sums of squares of uint8 images scaled to [0, 1]."""
+    return _stain.channel_sums(images, lambda chunk_: chunk_ / 255.0, "pixel", chunk)
 
 
 @register
@@ -181,8 +173,8 @@ class Pathology(Task):
         hospitals, each (when ``shifted``) with its own stain. The benchmark deals the
         full subset folder this way too."""
         rng = np.random.default_rng(seed)
-        mask = records.test_mask
-        train, test = self.take(records, np.flatnonzero(~mask)), self.take(records, np.flatnonzero(mask))
+        pool = split_site(self, "pool", records, self.test_fraction, seed)
+        train, test = pool.train, pool.test
         sites = []
         for i, (a, b) in enumerate(zip(_deal(train.labels, PCAM_SITES, rng), _deal(test.labels, PCAM_SITES, rng))):
             tr, te = self.take(train, a), self.take(test, b)
