@@ -68,7 +68,6 @@ HIDDEN = 32
 #: ACTG towers: ~400 patients per hospital at ε = 3 carry too little signal for a hidden
 #: layer (DP noise grows with the parameter count); see the README for the measurements.
 ACTG_HIDDEN = 0
-ACTG_DIM = 8
 #: Effect modifiers of the ACTG content tower: antiretroviral history, the trial's
 #: stratification factor and its pre-specified subgroup (Hammer et al. 1996).
 ACTG_MODIFIERS = ("strat",)
@@ -101,8 +100,6 @@ class Spec:
     histories: bool
     #: Hidden width of the covariate tower; 0 = linear (see ``Recommender``).
     hidden: int = HIDDEN
-    #: Width of the patient and treatment vectors.
-    dim: int = EMBEDDING_DIM
     #: Covariates that may modify a treatment's effect (the content tower's patient vector
     #: sees only these; its risk term sees ``risk``). Empty = all. Linear tower only.
     modifiers: tuple[str, ...] = ()
@@ -138,7 +135,7 @@ class Spec:
 SPECS = {
     # ACTG patients have no history (one randomised treatment each): one placeholder slot.
     "actg175": Spec("actg175", _actg.SCHEMA, _actg.ARMS, _actg.component_matrix(), -1, "event", 1, False,
-                    hidden=ACTG_HIDDEN, dim=ACTG_DIM, modifiers=ACTG_MODIFIERS, risk=ACTG_RISK,
+                    hidden=ACTG_HIDDEN, modifiers=ACTG_MODIFIERS, risk=ACTG_RISK,
                     logged=ACTG_LOGGED),
     "longitudinal": Spec(
         "longitudinal",
@@ -227,21 +224,23 @@ class Recommender(nn.Module):
         k, c = components.shape
         self.register_buffer("component_table", torch.tensor(components, dtype=torch.float32), persistent=False)
         if self.content:
-            if hidden > 0:
-                self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-            else:  # linear tower: risk and patient vector are linear in the covariates
+            linear = hidden <= 0  # risk and patient vector linear in the covariates
+            if linear:
                 self.trunk = nn.Sequential(nn.Dropout(dropout))
                 hidden = in_dim
-            if modifiers is not None and hidden != in_dim:
-                raise ValueError("effect modifiers select covariates: they need the linear tower")
-            chosen = list(range(hidden)) if modifiers is None else list(modifiers)
-            self.register_buffer("modifier_index", torch.tensor(chosen, dtype=torch.long), persistent=False)
-            self.patient_proj = nn.Linear(len(chosen), dim)
-            if risk is not None and hidden != in_dim:
-                raise ValueError("risk covariates select covariates: they need the linear tower")
-            kept = list(range(hidden)) if risk is None else list(risk)
-            self.register_buffer("risk_index", torch.tensor(kept, dtype=torch.long), persistent=False)
-            self.risk = nn.Linear(len(kept), 1)
+            else:
+                self.trunk = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+
+            def select(buffer: str, index: Optional[Sequence[int]], what: str) -> int:
+                """Register which trunk outputs feed a head; their number."""
+                if index is not None and not linear:
+                    raise ValueError(f"{what} select covariates: they need the linear tower")
+                chosen = list(range(hidden)) if index is None else list(index)
+                self.register_buffer(buffer, torch.tensor(chosen, dtype=torch.long), persistent=False)
+                return len(chosen)
+
+            self.patient_proj = nn.Linear(select("modifier_index", modifiers, "effect modifiers"), dim)
+            self.risk = nn.Linear(select("risk_index", risk, "risk covariates"), 1)
             self.treatment_proj = nn.Linear(c, dim + 1)  # a vector and a bias from the components
             if modifiers is not None:
                 # Start from "no effect modification": a random initial bilinear term would
@@ -422,7 +421,7 @@ class Recommendation(Task):
         if cfg.model not in self.models:
             raise ConfigError(f"recommendation: unknown model '{cfg.model}' ({', '.join(self.models)})")
         return Recommender(cfg.model, spec.schema.input_dim(), spec.components, spec.slots,
-                           dim=spec.dim, hidden=spec.hidden, dropout=max(float(cfg.dropout), 0.0),
+                           hidden=spec.hidden, dropout=max(float(cfg.dropout), 0.0),
                            modifiers=spec.modifier_index(), risk=spec.risk_index())
 
     def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -570,7 +569,7 @@ def _all_treatments(model: nn.Module, x: torch.Tensor, slot: torch.Tensor, known
 def fold_in(model: nn.Module, x: torch.Tensor, row_patient: torch.Tensor, treatment: torch.Tensor,
             response: torch.Tensor, n_patients: int, *, steps: int = 300, l2: float = 1e-2) -> torch.Tensor:
     """Patient vectors fitted to their own histories, every shared parameter frozen."""
-    vectors = torch.zeros(n_patients, int(getattr(model, "dim", EMBEDDING_DIM)), requires_grad=True)
+    vectors = torch.zeros(n_patients, model.dim, requires_grad=True)
     optimizer = torch.optim.Adam([vectors], lr=0.05)
     was_training = model.training
     model.eval()
