@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 #: matplotlib's "tab10" colours, so the charts read like the rest of the field's plots.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -55,7 +55,6 @@ class Panel:
     bar_color: str = "#3b7dd8"
     ylim: tuple[float, float] | None = None
     note: str = ""  # shown in the middle when there is nothing to draw
-    integer_x: bool = True
 
     def empty(self) -> bool:
         return not (any(ln.points for ln in self.lines) or self.bands or self.bars)
@@ -98,9 +97,8 @@ def _label(value: float) -> str:
 class _Canvas:
     """One panel's plotting area: data coordinates to pixels."""
 
-    def __init__(self, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
-                 xr: tuple[float, float], yr: tuple[float, float]):
-        self.draw, self.box, self.xr, self.yr = draw, box, xr, yr
+    def __init__(self, box: tuple[int, int, int, int], xr: tuple[float, float], yr: tuple[float, float]):
+        self.box, self.xr, self.yr = box, xr, yr
 
     def px(self, x: float, y: float) -> tuple[float, float]:
         left, top, right, bottom = self.box
@@ -124,8 +122,10 @@ def _ranges(panel: Panel) -> tuple[tuple[float, float], tuple[float, float], lis
         ylo, yhi = (ylo, yhi * 1.08) if panel.bars else (ylo - 0.05 * (yhi - ylo), yhi + 0.05 * (yhi - ylo))
     yticks = nice_ticks(ylo, yhi)
     if yticks and not panel.ylim:
+        # Not a no-op: nice_ticks rounds ticks to 12 decimals, which on a range below
+        # about 1e-11 can put the end ticks outside [ylo, yhi]; widen to keep them in the box.
         ylo, yhi = min(ylo, yticks[0]), max(yhi, yticks[-1])
-    xticks = [] if panel.bars else nice_ticks(xlo, xhi, integer=panel.integer_x)
+    xticks = [] if panel.bars else nice_ticks(xlo, xhi, integer=True)
     pad = 0.04 * ((xhi - xlo) or 1.0) if not panel.bars else 0.0
     return (xlo - pad, xhi + pad), (ylo, yhi), xticks, yticks
 
@@ -135,6 +135,14 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     return r - l, b - t
 
 
+def _rotated_text(text: str, font, angle: float) -> Image.Image:
+    """``text`` in black on a transparent image, turned ``angle`` degrees anticlockwise."""
+    w, h = _text_size(ImageDraw.Draw(Image.new("RGBA", (1, 1))), text, font)
+    label = Image.new("RGBA", (w + 4, h + 6), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((2, 0), text, fill="black", font=font)
+    return label.rotate(angle, expand=True)
+
+
 def _draw_panel(img: Image.Image, panel: Panel, box: tuple[int, int, int, int]) -> None:
     draw = ImageDraw.Draw(img, "RGBA")
     small, normal, title = _font(11), _font(12), _font(14)
@@ -142,7 +150,7 @@ def _draw_panel(img: Image.Image, panel: Panel, box: tuple[int, int, int, int]) 
     tw, _ = _text_size(draw, panel.title, title)
     draw.text(((left + right - tw) / 2, top - 26), panel.title, fill="black", font=title)
     xr, yr, xticks, yticks = _ranges(panel)
-    cv = _Canvas(draw, box, xr, yr)
+    cv = _Canvas(box, xr, yr)
     for t in yticks:
         _, y = cv.px(xr[0], t)
         draw.line([(left, y), (right, y)], fill=(0, 0, 0, 30))
@@ -158,10 +166,7 @@ def _draw_panel(img: Image.Image, panel: Panel, box: tuple[int, int, int, int]) 
         w, _ = _text_size(draw, panel.xlabel, normal)
         draw.text(((left + right - w) / 2, bottom + 22), panel.xlabel, fill="black", font=normal)
     if panel.ylabel:
-        w, h = _text_size(draw, panel.ylabel, normal)
-        label = Image.new("RGBA", (w + 4, h + 6), (255, 255, 255, 0))
-        ImageDraw.Draw(label).text((2, 0), panel.ylabel, fill="black", font=normal)
-        label = label.rotate(90, expand=True)
+        label = _rotated_text(panel.ylabel, normal, 90)
         img.paste(label, (left - 58, int((top + bottom - label.height) / 2)), label)
     if panel.empty():
         if panel.note:
@@ -173,7 +178,7 @@ def _draw_panel(img: Image.Image, panel: Panel, box: tuple[int, int, int, int]) 
         color = PALETTE[i % len(PALETTE)]
         poly = [cv.px(x, y) for x, y in zip(band.xs, band.high)]
         poly += [cv.px(x, y) for x, y in reversed(list(zip(band.xs, band.low)))]
-        rgb = tuple(int(color[k:k + 2], 16) for k in (1, 3, 5))
+        rgb = ImageColor.getrgb(color)
         if len(poly) >= 3:
             draw.polygon(poly, fill=(*rgb, 64))
         _polyline(draw, [cv.px(x, y) for x, y in zip(band.xs, band.mid)], color, 2)
@@ -204,10 +209,7 @@ def _draw_bars(img: Image.Image, draw: ImageDraw.ImageDraw, cv: _Canvas, panel: 
         if math.isfinite(value):
             _, y = cv.px(i, value)
             draw.rectangle([x0, min(y, base), x1, max(y, base)], fill=panel.bar_color)
-        w, h = _text_size(draw, name, small)
-        label = Image.new("RGBA", (w + 4, h + 6), (255, 255, 255, 0))
-        ImageDraw.Draw(label).text((2, 0), name, fill="black", font=small)
-        label = label.rotate(30, expand=True)
+        label = _rotated_text(name, small, 30)
         img.paste(label, (int((x0 + x1) / 2 - label.width), int(cv.box[3] + 4)), label)
 
 

@@ -9,7 +9,6 @@ running SuperLink go through a named connection in ``$FLWR_HOME/config.toml``
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -29,6 +28,7 @@ from ..shared.keys import load_public_key
 from . import provision as prov
 from . import superlink
 from .provision import Layout
+from .results import read_csv_rows
 
 app = typer.Typer(help="Coordinator side: provision keys, start the SuperLink, admit hospitals, run rounds.",
                   no_args_is_help=True)
@@ -199,7 +199,7 @@ def _follow(connection: str, run_id: int, out: Path, cfg: RunConfig, poll: float
     shown, last_check = 0, time.monotonic()
     while True:
         done = out.exists()
-        rows = _rows((out if done else partial) / "rounds.csv")
+        rows = read_csv_rows((out if done else partial) / "rounds.csv")
         for row in rows[shown:]:
             console.print(_round_line(row, cfg))
         shown = max(shown, len(rows))
@@ -211,14 +211,6 @@ def _follow(connection: str, run_id: int, out: Path, cfg: RunConfig, poll: float
             if str(status.get("status", "")).startswith("finished") and not out.exists():
                 return status
         time.sleep(poll)
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    try:
-        with path.open() as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
 
 
 def _round_line(row: dict[str, str], cfg: RunConfig) -> str:

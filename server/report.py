@@ -12,7 +12,6 @@ The page is built only from the run folder's files, never from site data.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
@@ -21,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..shared.atomic import write_text_atomic
 from . import charts
+from .results import read_csv_rows
 
 FILE = "report.html"
 #: Beyond this many sites the per-round, per-site table is summarised, not listed.
@@ -36,13 +36,6 @@ td:first-child,th:first-child{text-align:left}.kv td{text-align:left}img{max-wid
 .cards{display:flex;gap:1rem;flex-wrap:wrap}.card{background:#f4f7fa;border-radius:8px;padding:.7rem 1rem}
 .card b{display:block;font-size:1.3rem}.note{color:#5b6b7b;font-size:.85rem}
 """
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -89,8 +82,8 @@ def build(folder: Path) -> str:
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
-    rounds = _read_csv(folder / "rounds.csv")
-    all_rows = _read_csv(folder / "metrics.csv")
+    rounds = read_csv_rows(folder / "rounds.csv")
+    all_rows = read_csv_rows(folder / "metrics.csv")
     metrics = [r for r in all_rows if r.get("phase", "evaluate") == "evaluate"]
     rejected = [r for r in all_rows if r.get("status", "ok").startswith("rejected")]
     main = summary.get("main_metric", "accuracy")

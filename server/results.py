@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import torch
 
 from ..shared.atomic import atomic_path, write_text_atomic
 from . import charts
@@ -83,10 +82,7 @@ class RunFolder:
                 for row in rows:
                     writer.writerow({k: _fmt(row.get(k)) for k in self._metric_keys})
             return
-        existing: list[dict[str, Any]] = []
-        if path.exists():
-            with path.open(newline="") as fh:
-                existing = list(csv.DictReader(fh))
+        existing: list[dict[str, Any]] = read_csv_rows(path)
         keys = list(METRIC_COLUMNS)
         for row in existing + rows:
             for k in row:
@@ -117,10 +113,7 @@ class RunFolder:
 
     def append_round(self, row: Mapping[str, Any]) -> None:
         path = self.file("rounds.csv")
-        rows: list[dict[str, Any]] = []
-        if path.exists():
-            with path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
+        rows: list[dict[str, Any]] = read_csv_rows(path)
         rows.append(dict(row))
         keys: list[str] = []
         for r in rows:
@@ -136,17 +129,15 @@ class RunFolder:
         np.savez(self.file("preprocess.npz"), **{k: np.asarray(v) for k, v in prep.items()})
 
     def save_arrays(self, name: str, state: Mapping[str, np.ndarray]) -> None:
+        import torch  # here, not at the top: report and the CLIs read CSVs through this module
+
         with atomic_path(self.file(name)) as tmp:
             torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp)
 
     def best_round(self, column: str, also: str) -> tuple[int, float, float | None] | None:
         """The round with the highest ``column`` in rounds.csv so far, that value and its ``also``."""
-        path = self.file("rounds.csv")
-        if not path.exists():
-            return None
-        with path.open(newline="") as fh:
-            rows = [(int(r["round"]), float(r[column]), float(r[also]) if r.get(also) else None)
-                    for r in csv.DictReader(fh) if r.get(column)]
+        rows = [(int(r["round"]), float(r[column]), float(r[also]) if r.get(also) else None)
+                for r in read_csv_rows(self.file("rounds.csv")) if r.get(column)]
         rows = [r for r in rows if math.isfinite(r[1])]
         return max(rows, key=lambda r: (r[1], -r[0])) if rows else None
 
@@ -159,6 +150,16 @@ class RunFolder:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows as dicts of strings; no rows when the file does not exist (yet, or
+    any more: a followed run's folder is renamed when it finishes)."""
+    try:
+        with Path(path).open(newline="") as fh:
+            return list(csv.DictReader(fh))
+    except FileNotFoundError:
+        return []
 
 
 def _round_of(row: Mapping[str, Any]) -> float:
@@ -183,7 +184,7 @@ def _fmt(value: Any) -> Any:
 MAX_PLOTTED_SITES = 12
 
 
-def _spread(rows: list[dict[str, str]], column: str, label: str) -> list[charts.Band]:
+def _spread(rows: list[dict[str, str]], column: str) -> list[charts.Band]:
     by_round: dict[int, list[float]] = {}
     for r in rows:
         if r.get(column) not in (None, "") and r.get("phase", "evaluate") == "evaluate":
@@ -192,21 +193,19 @@ def _spread(rows: list[dict[str, str]], column: str, label: str) -> list[charts.
         return []
     rounds = sorted(by_round)
     q = np.array([np.nanpercentile(by_round[k], [10, 50, 90]) for k in rounds])
-    return [charts.Band(f"{label}, median and 10-90 %", rounds, q[:, 0], q[:, 1], q[:, 2])]
+    return [charts.Band("sites, median and 10-90 %", rounds, q[:, 0], q[:, 1], q[:, 2])]
 
 
 def plot_progress(folder: Path, metric: str) -> Path:
     """PNG: the main test metric per site and globally, and ε per site, per round."""
-    with (folder / "metrics.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    with (folder / "rounds.csv").open(newline="") as fh:
-        rounds = list(csv.DictReader(fh))
+    rows = read_csv_rows(folder / "metrics.csv")
+    rounds = read_csv_rows(folder / "rounds.csv")
     sites = sorted({r["site"] for r in rows})
     left = charts.Panel(f"Test {metric} per round", "round", f"test {metric}")
     right = charts.Panel("Privacy spent per site", "round", "ε spent (cumulative)", note="no DP (ε = ∞)")
     if len(sites) > MAX_PLOTTED_SITES:
-        left.bands = _spread(rows, metric, "sites")
-        right.bands = _spread(rows, "epsilon", "sites")
+        left.bands = _spread(rows, metric)
+        right.bands = _spread(rows, "epsilon")
         sites = []
     for site in sites:
         mine = [r for r in rows if r["site"] == site]

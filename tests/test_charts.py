@@ -6,7 +6,7 @@ import csv
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageColor
 
 from fedcare.server import charts, results
 
@@ -14,10 +14,6 @@ from fedcare.server import charts, results
 def _colours(png: bytes) -> set[tuple[int, int, int]]:
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
     return {tuple(int(c) for c in px) for px in np.unique(img, axis=0)}
-
-
-def _rgb(hex_colour: str) -> tuple[int, int, int]:
-    return tuple(int(hex_colour[k:k + 2], 16) for k in (1, 3, 5))  # type: ignore[return-value]
 
 
 def test_nice_ticks_are_round_and_cover_the_range():
@@ -33,11 +29,11 @@ def test_each_line_is_drawn_in_its_own_colour_and_an_empty_panel_draws_none():
     png = charts.png_bytes([charts.Panel("acc", "round", "accuracy", lines=lines),
                             charts.Panel("eps", note="no DP (ε = ∞)")])
     seen = _colours(png)
-    assert all(_rgb(c) in seen for c in charts.PALETTE[:3])
-    assert _rgb(charts.PALETTE[3]) not in seen
+    assert all(ImageColor.getrgb(c) in seen for c in charts.PALETTE[:3])
+    assert ImageColor.getrgb(charts.PALETTE[3]) not in seen
     empty = charts.png_bytes([charts.Panel("eps", note="no DP")])
     hues = [c for c in charts.PALETTE if not c[1:3] == c[3:5] == c[5:7]]  # greys also come from anti-aliased text
-    assert not any(_rgb(c) in _colours(empty) for c in hues)
+    assert not any(ImageColor.getrgb(c) in _colours(empty) for c in hues)
 
 
 def test_progress_plot_summarises_many_sites_as_a_band(tmp_path):
@@ -55,6 +51,6 @@ def test_progress_plot_summarises_many_sites_as_a_band(tmp_path):
         w.writerows({"round": r, "accuracy": 0.6 + 0.05 * r} for r in (1, 2, 3))
     png = results.plot_progress(tmp_path, "accuracy").read_bytes()
     seen = _colours(png)
-    assert _rgb(charts.PALETTE[0]) in seen  # the median line
+    assert ImageColor.getrgb(charts.PALETTE[0]) in seen  # the median line
     assert (0, 0, 0) in seen  # the global line
-    assert _rgb(charts.PALETTE[1]) not in seen  # no per-site lines
+    assert ImageColor.getrgb(charts.PALETTE[1]) not in seen  # no per-site lines
