@@ -11,6 +11,8 @@ leaves either the previous round's checkpoint or this one, never half of one. It
 * the RNG states the server draws from (Python's ``random``, which Flower's node
   sampling uses, and torch's);
 * each site's status (ε spent, last metrics, missed rounds) and the last global metric;
+* the best validation round so far with its validation and test metric, exact (JSON
+  floats round-trip; ``rounds.csv`` holds 6 significant digits);
 * when the grid owns its nodes' ``Context`` (the in-process simulator), every virtual
   hospital's persistent state: its privacy accountant history and local parameters.
   Without it a resumed simulation would restart ε at zero.
@@ -55,6 +57,8 @@ class Checkpoint:
     random_state: Any = None
     torch_rng: np.ndarray | None = None
     last_metric: float | None = None
+    #: (round, validation metric, test metric) of the best validation round so far.
+    best: tuple[int, float, float | None] | None = None
 
 
 def strategy_state(strategy: Any, prefix: str = "") -> dict[str, dict[str, np.ndarray]]:
@@ -112,6 +116,7 @@ def save(folder: Path, ckpt: Checkpoint) -> Path:
     meta = {
         "version": VERSION, "round": ckpt.round, "config": ckpt.config, "sites": ckpt.sites,
         "random_state": ckpt.random_state, "last_metric": ckpt.last_metric,
+        "best": None if ckpt.best is None else list(ckpt.best),
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -132,9 +137,12 @@ def load(path: Path) -> Checkpoint:
     meta = json.loads(data.pop("meta").tobytes().decode())
     if meta.get("version") != VERSION:
         raise ConfigError(f"{path}: checkpoint version {meta.get('version')} is not supported")
+    best = meta.get("best")  # absent in checkpoints written before it was kept
     ckpt = Checkpoint(round=int(meta["round"]), config=meta["config"], global_arrays={}, prep={},
                       sites=meta.get("sites", {}), random_state=meta.get("random_state"),
-                      last_metric=meta.get("last_metric"))
+                      last_metric=meta.get("last_metric"),
+                      best=None if best is None else (int(best[0]), float(best[1]),
+                                                      None if best[2] is None else float(best[2])))
     for key, value in data.items():
         kind, _, rest = key.partition("/")
         if kind == "global":

@@ -134,13 +134,6 @@ class RunFolder:
         with atomic_path(self.file(name)) as tmp:
             torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp)
 
-    def best_round(self, column: str, also: str) -> tuple[int, float, float | None] | None:
-        """The round with the highest ``column`` in rounds.csv so far, that value and its ``also``."""
-        rows = [(int(r["round"]), float(r[column]), float(r[also]) if r.get(also) else None)
-                for r in read_csv_rows(self.file("rounds.csv")) if r.get(column)]
-        rows = [r for r in rows if math.isfinite(r[1])]
-        return max(rows, key=lambda r: (r[1], -r[0])) if rows else None
-
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json(self.file("summary.json"), summary)
 

@@ -109,9 +109,9 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
             observer.round_done(saved.round, cfg.num_rounds, task.main_metric,
                                 math.nan if saved.last_metric is None else saved.last_metric,
                                 _max_epsilon(sites), [])
-        # (round, validation metric, test metric) of the best model so far; only a resumed
-        # run has earlier rounds to read it from.
-        best = folder.best_round(f"val_{task.main_metric}", task.main_metric) if saved is not None else None
+        # (round, validation metric, test metric) of the best model so far. A resumed run
+        # takes it from the checkpoint, exact (rounds.csv holds 6 significant digits).
+        best = saved.best if saved is not None else None
         if best is not None and best[0] == saved.round:
             # The best model is saved after its round's checkpoint; a kill in between
             # left the file a round behind, and the checkpoint holds that round's model.
@@ -121,10 +121,12 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
                                          folder, observer)
             metric, val_metric = _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task,
                                                  cfg, folder, observer)
-            _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric)
-            if val_metric is not None and math.isfinite(val_metric) and (best is None or val_metric > best[1]):
-                folder.save_arrays(BEST_MODEL, global_arrays)
+            improved = val_metric is not None and math.isfinite(val_metric) and (best is None or val_metric > best[1])
+            if improved:
                 best = (rnd, val_metric, metric)
+            _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric, best)
+            if improved:
+                folder.save_arrays(BEST_MODEL, global_arrays)
         summary = _summary(task, cfg, sites)
         if best is not None:
             summary["validation"] = {
@@ -150,7 +152,7 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
     return final
 
 
-def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric) -> None:
+def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric, best) -> None:
     random_state, torch_rng = checkpoint.capture_rng()
     node_states = grid.node_states() if hasattr(grid, "node_states") else {}
     checkpoint.save(folder.path, checkpoint.Checkpoint(
@@ -161,7 +163,7 @@ def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, gri
                         "num_train": s.num_train, "num_test": s.num_test,
                         "declared_train": s.declared_train} for s in sites.values()},
         node_states=node_states, random_state=random_state, torch_rng=torch_rng,
-        last_metric=metric if metric is not None and math.isfinite(metric) else None))
+        last_metric=metric if metric is not None and math.isfinite(metric) else None, best=best))
 
 
 def _restore_sites(sites: dict[int, "SiteStatus"], saved: dict[str, dict[str, Any]]) -> None:

@@ -1,10 +1,11 @@
 """A run killed after round k and resumed ends exactly where an uninterrupted run ends.
 
-The interrupted run is a real separate process killed with SIGKILL once its round-2
-checkpoint is on disk (it is held inside round 3, after round 3's rows were already
+The interrupted run is a real separate process killed with SIGKILL once its round-k
+checkpoint is on disk (it is held inside round k+1, after that round's rows were already
 written, so resuming must also cut those rows). FedAdam (server optimiser moments) and
-DP-SGD with reproducible noise: the final weights, the per-site ε and every metric row
-must equal the uninterrupted run's.
+DP-SGD with reproducible noise: the final weights, the per-site ε, every metric row and
+the best validation round must equal the uninterrupted run's, whether that round comes
+after the checkpoint (k = 2) or is the checkpoint's own round (k = 3).
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ KILLED_RUN = textwrap.dedent("""
     from fedcare.shared.config import RunConfig
     from fedcare.simulation.runner import plan_federation, simulate
 
-    class HoldInRoundThree(Observer):
+    class HoldInRound(Observer):
         def round_done(self, rnd, *args, **kwargs):
-            if rnd == 3:
+            if rnd == int(sys.argv[2]):
                 time.sleep(600)  # the test kills the process here
 
     cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), **%r})
     simulate(cfg, plan_federation(cfg, epsilon=1.0, delta=1e-5), out=Path(sys.argv[1]),
-             observer=HoldInRoundThree())
+             observer=HoldInRound())
 """) % (CONFIG,)
 
 
@@ -58,13 +59,13 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _kill_after_round_two(tmp_path: Path) -> Path:
+def _kill_after_round(tmp_path: Path, k: int) -> Path:
     out = tmp_path / "killed"
     partial = out.with_name("killed.partial")
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(k + 1)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -73,13 +74,13 @@ def _kill_after_round_two(tmp_path: Path) -> Path:
             ckpt = partial / checkpoint.FILE
             if ckpt.exists():
                 try:
-                    if checkpoint.load(ckpt).round == 2:
+                    if checkpoint.load(ckpt).round == k:
                         rounds = _rows(partial / "rounds.csv")
-                        if rounds and rounds[-1]["round"] == "3":
+                        if rounds and rounds[-1]["round"] == str(k + 1):
                             break
                 except ConfigError:
                     pass  # caught between write and rename: try again
-            assert time.monotonic() < deadline, "the run never reached round 3"
+            assert time.monotonic() < deadline, f"the run never reached round {k + 1}"
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -90,10 +91,11 @@ def _kill_after_round_two(tmp_path: Path) -> Path:
     return partial
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    partial = _kill_after_round_two(tmp_path)
+@pytest.mark.parametrize("k", [2, 3])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, k):
+    partial = _kill_after_round(tmp_path, k)
     assert not (tmp_path / "killed").exists()
-    assert _rows(partial / "rounds.csv")[-1]["round"] == "3"  # rows past the checkpoint exist...
+    assert _rows(partial / "rounds.csv")[-1]["round"] == str(k + 1)  # rows past the checkpoint exist...
 
     cfg = _config()
     reference = simulate(cfg, plan_federation(cfg, epsilon=1.0, delta=1e-5), out=tmp_path / "reference")
@@ -113,6 +115,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert res["sites"][name]["epsilon"] == pytest.approx(ref["sites"][name]["epsilon"], rel=0, abs=0)
         assert res["sites"][name]["accuracy"] == ref["sites"][name]["accuracy"]
     assert 0.9 < ref["max_epsilon"] <= 1.0
+    if k == 3:
+        # The best round is one the resumed run did not replay: its values come from the
+        # checkpoint, exactly (rounds.csv has them to 6 significant digits only).
+        assert ref["validation"]["best_round"] <= k
     assert res["validation"] == ref["validation"]
 
     # ...and were cut back: every round appears once, identical to the reference.
@@ -130,7 +136,8 @@ def test_checkpoint_round_trips_strategy_state_and_rng(tmp_path):
     rnd_state, torch_rng = checkpoint.capture_rng()
     ckpt = checkpoint.Checkpoint(round=5, config={"seed": 1}, global_arrays={"w": np.ones((2, 2), np.float32)},
                                  prep={"mean": np.zeros(3)}, strategy_state=state,
-                                 node_states={7: b"\x00\x01state"}, random_state=rnd_state, torch_rng=torch_rng)
+                                 node_states={7: b"\x00\x01state"}, random_state=rnd_state, torch_rng=torch_rng,
+                                 best=(4, 0.8470588235294118, 0.1 + 0.2))
     checkpoint.save(tmp_path, ckpt)
     expected = random.random()
     back = checkpoint.load(tmp_path / checkpoint.FILE)
@@ -139,6 +146,7 @@ def test_checkpoint_round_trips_strategy_state_and_rng(tmp_path):
     assert back.round == 5 and back.node_states == {7: b"\x00\x01state"}
     assert np.array_equal(back.strategy_state["m_t"]["w"], np.arange(3.0))
     assert back.global_arrays["w"].dtype == np.float32
+    assert back.best == (4, 0.8470588235294118, 0.1 + 0.2)  # exact, not to 6 digits
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
