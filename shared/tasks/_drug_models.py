@@ -1,6 +1,6 @@
 """Networks for multi-label molecular property prediction, all DP-SGD compatible.
 
-* ``DescriptorMLP``: MACCS keys, RDKit properties and 2D descriptors (427 numbers)
+* ``DescriptorMLP``: MACCS keys, RDKit's atom count and 2D descriptors (385 numbers)
   through one LayerNorm-ed hidden layer. Few parameters and dense, informative inputs: the cheapest
   model to privatise (with ghost clipping, about 1.5x a plain step).
 * ``TokenCNN``: SMILES tokens, embedding, two 1D convolutions, max-pool over the string.

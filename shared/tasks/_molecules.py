@@ -149,18 +149,10 @@ def scaffold_split(groups: np.ndarray, test_fraction: float, seed: int) -> tuple
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-#: RDKit's fast whole-molecule properties (mass, logP, TPSA, ring and H-bond counts,
-#: connectivity and shape indices), pinned by name so the model's input never changes
-#: with the RDKit version.
-PROPERTIES: tuple[str, ...] = (
-    "exactmw", "amw", "lipinskiHBA", "lipinskiHBD", "NumRotatableBonds", "NumHBD", "NumHBA",
-    "NumHeavyAtoms", "NumAtoms", "NumHeteroatoms", "NumAmideBonds", "FractionCSP3", "NumRings",
-    "NumAromaticRings", "NumAliphaticRings", "NumSaturatedRings", "NumHeterocycles",
-    "NumAromaticHeterocycles", "NumSaturatedHeterocycles", "NumAliphaticHeterocycles",
-    "NumSpiroAtoms", "NumBridgeheadAtoms", "NumAtomStereoCenters", "NumUnspecifiedAtomStereoCenters",
-    "labuteASA", "tpsa", "CrippenClogP", "CrippenMR", "chi0v", "chi1v", "chi2v", "chi3v", "chi4v",
-    "chi0n", "chi1n", "chi2n", "chi3n", "chi4n", "hallKierAlpha", "kappa1", "kappa2", "kappa3", "Phi",
-)
+#: RDKit properties beyond ``RDKIT_2D`` (which already holds mass, logP, TPSA, ring and
+#: H-bond counts, connectivity and shape indices), pinned by name so the model's input
+#: never changes with the RDKit version.
+PROPERTIES: tuple[str, ...] = ("NumAtoms",)
 #: RDKit's 2D descriptor set (``rdkit.Chem.Descriptors``: E-state indices, QED, partial
 #: charges, BCUT, VSA bins, fragment counts, ...), pinned by name as found in RDKit
 #: 2026.09; a name a later RDKit lacks reads as 0. Adding them to the MACCS keys and
@@ -239,7 +231,7 @@ def _rdkit_2d(mol: Chem.Mol) -> np.ndarray:
 
 
 def descriptors(smiles: Sequence[str]) -> np.ndarray:
-    """MACCS keys (0/1), then signed-log RDKit properties and 2D descriptors, float32
+    """MACCS keys (0/1), then signed-log RDKit atom count and 2D descriptors, float32
     (n, DESCRIPTOR_DIM).
 
     Computed once per molecule per process (a federation re-reads the same molecules

@@ -15,7 +15,7 @@ A hospital's file is a CSV with a ``smiles`` column and one column per endpoint 
 0, 1 or nothing (not measured). Every SMILES is parsed and canonicalised with RDKit;
 unparseable ones are skipped and listed (or refused with ``strict``).
 
-Models (run-config ``model``): ``mlp`` over MACCS keys, RDKit properties and RDKit's 2D
+Models (run-config ``model``): ``mlp`` over MACCS keys, RDKit's atom count and RDKit's 2D
 descriptors (default: the best measured test ROC-AUC and the fastest DP step; see the
 README), ``cnn`` and ``lstm`` (Opacus DPLSTM) over SMILES tokens. The loss is binary
 cross-entropy per endpoint, averaged over the endpoints measured for that molecule only.
