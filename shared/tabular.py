@@ -40,6 +40,9 @@ class Column:
     categories: tuple[float, ...] = ()
     impossible: tuple[float, ...] = ()  # values that mean "not measured"
     description: str = ""
+    #: Entered as log(1 + value) before the federated standardisation (counts and
+    #: durations with long right tails); cleaning and reports see the raw value.
+    log1p: bool = False
 
     def width(self) -> int:
         return len(self.categories) if self.kind == "categorical" else 1
@@ -75,6 +78,8 @@ class Schema:
                 entry["max"] = c.hi
             if c.categories:
                 entry["categories"] = list(c.categories)
+            if c.log1p:
+                entry["scaling"] = "log(1 + value), then standardised"
             cols.append(entry)
         return {"columns": cols, "label": self.label, "label_values": list(self.label_values),
                 "positive": list(self.positive), "encoded_inputs": self.encoded_names()}
@@ -192,8 +197,19 @@ def clean(schema: Schema, x: np.ndarray, y_raw: np.ndarray, *, dedupe: bool = Tr
     return Table(x=x[keep], y=y, cleaning=counts)
 
 
+def model_scale(schema: Schema, x: np.ndarray) -> np.ndarray:
+    """Raw values on the scale the model is fitted on: ``log1p`` columns as log(1 + value)."""
+    logged = [j for j, c in enumerate(schema.columns) if c.log1p]
+    if not logged:
+        return x
+    x = np.array(x, dtype=np.float64, copy=True)
+    x[:, logged] = np.log1p(np.maximum(x[:, logged], 0.0))
+    return x
+
+
 def stats(schema: Schema, x: np.ndarray) -> dict[str, np.ndarray]:
     """Per-column count of observed values, their sum and sum of squares (no rows)."""
+    x = model_scale(schema, x)
     observed = ~np.isnan(x)
     filled = np.where(observed, x, 0.0)
     return {
@@ -216,6 +232,7 @@ def finalize(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def encode(schema: Schema, x: np.ndarray, prep: dict[str, np.ndarray]) -> np.ndarray:
     """Impute (federated mean), standardise, one-hot categoricals, add missing flags."""
     mean, std = prep["mean"], prep["std"]
+    x = model_scale(schema, x)
     parts: list[np.ndarray] = []
     missing = np.isnan(x)
     for j, col in enumerate(schema.columns):

@@ -59,15 +59,15 @@ SCHEMA = make_schema((
     tabular.Column("oprior", kind="binary", description="non-zidovudine antiretroviral therapy before"),
     tabular.Column("z30", kind="binary", description="zidovudine in the 30 days before"),
     tabular.Column("zprior", kind="binary", description="zidovudine before the study"),
-    tabular.Column("preanti", lo=0, hi=10000, description="days of prior antiretroviral therapy"),
+    tabular.Column("preanti", lo=0, hi=10000, description="days of prior antiretroviral therapy", log1p=True),
     tabular.Column("race", kind="binary", description="0 white, 1 non-white"),
     tabular.Column("gender", kind="binary", description="0 female, 1 male"),
     tabular.Column("str2", kind="binary", description="antiretroviral history: 0 naive, 1 experienced"),
     tabular.Column("strat", kind="categorical", categories=(1, 2, 3),
                    description="1 naive, 2 1-52 weeks prior therapy, 3 > 52 weeks"),
     tabular.Column("symptom", kind="binary", description="symptomatic"),
-    tabular.Column("cd40", lo=0, hi=3000, description="CD4 count at baseline"),
-    tabular.Column("cd80", lo=0, hi=10000, description="CD8 count at baseline"),
+    tabular.Column("cd40", lo=0, hi=3000, description="CD4 count at baseline", log1p=True),
+    tabular.Column("cd80", lo=0, hi=10000, description="CD8 count at baseline", log1p=True),
 ))
 
 ARM_COLUMN = "arms"

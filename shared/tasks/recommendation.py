@@ -73,9 +73,8 @@ ACTG_HIDDEN = 0
 ACTG_MODIFIERS = ("strat",)
 #: Covariates of the ACTG risk term: the trial's known predictors of the event (baseline
 #: CD4 and CD8, prior therapy, symptoms, Karnofsky score, age); every extra weight is
-#: DP noise on every prediction. Counts and days on a log scale.
+#: DP noise on every prediction. Counts and days enter on a log scale (``_actg.SCHEMA``).
 ACTG_RISK = ("age", "karnof", "symptom", "str2", "z30", "preanti", "cd40", "cd80")
-ACTG_LOGGED = ("cd40", "cd80", "preanti")
 LOCAL_PREFIX = "patients."
 #: Predicted gain over the arm best on average needed to recommend another
 #: (``_policy.margin_policy``); 0 = plain argmax. 0.02 moved the DP ε = 3 policy value
@@ -105,8 +104,6 @@ class Spec:
     modifiers: tuple[str, ...] = ()
     #: Covariates of the risk term (empty = all). Linear tower only.
     risk: tuple[str, ...] = ()
-    #: Covariates entered on a log scale, log(1 + value), before federated scaling.
-    logged: tuple[str, ...] = ()
 
     def _index(self, chosen: tuple[str, ...]) -> Optional[list[int]]:
         if not chosen:
@@ -121,22 +118,11 @@ class Spec:
     def risk_index(self) -> Optional[list[int]]:
         return self._index(self.risk)
 
-    def features(self, x: np.ndarray) -> np.ndarray:
-        """Raw covariates as the model sees them (``logged`` columns on a log scale)."""
-        if not self.logged:
-            return x
-        x = np.array(x, dtype=np.float64, copy=True)
-        for name in self.logged:
-            j = self.schema.feature_names.index(name)
-            x[:, j] = np.log1p(np.maximum(x[:, j], 0.0))
-        return x
-
 
 SPECS = {
     # ACTG patients have no history (one randomised treatment each): one placeholder slot.
     "actg175": Spec("actg175", _actg.SCHEMA, _actg.ARMS, _actg.component_matrix(), -1, "event", 1, False,
-                    hidden=ACTG_HIDDEN, modifiers=ACTG_MODIFIERS, risk=ACTG_RISK,
-                    logged=ACTG_LOGGED),
+                    hidden=ACTG_HIDDEN, modifiers=ACTG_MODIFIERS, risk=ACTG_RISK),
     "longitudinal": Spec(
         "longitudinal",
         tabular.Schema(name="longitudinal", columns=tuple(tabular.Column(c) for c in _cohort.COVARIATES),
@@ -371,10 +357,7 @@ class Recommendation(Task):
 
     def input_schema(self, dataset: str) -> dict[str, Any]:
         spec = spec_for(dataset)
-        out: dict[str, Any] = {"dataset": dataset, **spec.schema.describe()}
-        if spec.logged:  # applied before the federated standardisation
-            out["log1p_before_scaling"] = list(spec.logged)
-        return out
+        return {"dataset": dataset, **spec.schema.describe()}
 
     def take(self, records: Records, index: np.ndarray) -> Records:
         index = np.asarray(index, dtype=int)
@@ -405,7 +388,7 @@ class Recommendation(Task):
         cases: Cases = train.data
         _, first = np.unique(cases.patient.astype(str), return_index=True)  # one row per patient
         spec = spec_for(cfg.dataset)
-        return tabular.stats(spec.schema, spec.features(cases.x[np.sort(first)]))
+        return tabular.stats(spec.schema, cases.x[np.sort(first)])
 
     def finalize_stats(self, totals: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
         return tabular.finalize(totals)
@@ -492,7 +475,7 @@ class Recommendation(Task):
             frame = _actg.read_csv(path, require_outcome=False)
             ids, x, arm, _, _ = _actg.parse(frame, str(path), require_outcome=False)
             tried = [[int(a)] if a >= 0 else [] for a in arm]
-            x_enc = torch.from_numpy(tabular.encode(spec.schema, spec.features(x), prep))
+            x_enc = torch.from_numpy(tabular.encode(spec.schema, x, prep))
             known = torch.zeros(len(ids))
             with torch.no_grad():
                 scores = torch.sigmoid(_all_treatments(model, x_enc, torch.zeros(len(ids), dtype=torch.long),
@@ -500,11 +483,11 @@ class Recommendation(Task):
         else:
             history = _cohort.read_csv(path)
             ids, first, inverse = np.unique(history.patient.astype(str), return_index=True, return_inverse=True)
-            x_enc = torch.from_numpy(tabular.encode(spec.schema, spec.features(history.x[first]), prep))
+            x_enc = torch.from_numpy(tabular.encode(spec.schema, history.x[first], prep))
             tried = [sorted(set(history.treatment[inverse == i].tolist())) for i in range(len(ids))]
             vectors = None
             if getattr(model, "collaborative", False):
-                vectors = fold_in(model, torch.tensor(tabular.encode(spec.schema, spec.features(history.x), prep)),
+                vectors = fold_in(model, torch.tensor(tabular.encode(spec.schema, history.x, prep)),
                                   torch.tensor(inverse, dtype=torch.long), torch.tensor(history.treatment),
                                   torch.tensor(history.response, dtype=torch.float32), len(ids),
                                   steps=fold_in_steps)
@@ -548,7 +531,7 @@ class Recommendation(Task):
 
 
 def _tensors(spec: Spec, cases: Cases, prep: dict[str, np.ndarray]) -> list[torch.Tensor]:
-    x = tabular.encode(spec.schema, spec.features(cases.x), prep)
+    x = tabular.encode(spec.schema, cases.x, prep)
     n = len(cases.outcome)
     return [
         torch.from_numpy(x),
