@@ -20,12 +20,13 @@ import math
 import statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config, simulated
+from bench.runs import simulated
 from fedcare.server.audit import audit
+from fedcare.shared.config import RunConfig
 
 
 def aucs(epsilon: float, rounds: int, seed: int, model: str) -> list[tuple[float, float]]:
-    cfg = run_config({"num-rounds": rounds, "seed": seed, "model": model})
+    cfg = RunConfig.from_mapping({"num-rounds": rounds, "seed": seed, "model": model})
     with simulated(cfg, epsilon) as out:
         return [(s["mia_auc"], s["mia_auc_calibrated"]) for s in audit(out)["sites"].values()]
 

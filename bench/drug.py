@@ -30,17 +30,16 @@ import time
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config, summary
+from bench.runs import summary
 from fedcare.client import training
-from fedcare.shared.config import RunConfig
+from fedcare.shared.config import RunConfig, parse_overrides
 from fedcare.shared.registry import get_task
-from fedcare.simulation.cli import parse_overrides
 
 TASK = get_task("drug")
 
 
 def config(overrides: dict) -> RunConfig:
-    return run_config({"task": "drug", **overrides})
+    return RunConfig.from_mapping({"task": "drug", **overrides})
 
 
 def mean_site_auc(epsilon: float, seed: int, overrides: dict) -> float:

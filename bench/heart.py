@@ -18,12 +18,13 @@ import math
 import statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config, summary
-from fedcare.shared.config import RunConfig
+from bench.runs import summary
+from fedcare.shared.config import RunConfig, parse_overrides
 
 
 def mean_site_accuracy(epsilon: float, seed: int, rounds: int, overrides: dict) -> float:
-    cfg = run_config({"num-rounds": rounds, "seed": seed, **overrides})  # rounds == 0: the task's default
+    # rounds == 0: the task's default
+    cfg = RunConfig.from_mapping({"num-rounds": rounds, "seed": seed, **overrides})
     return summary(cfg, epsilon)["mean_site_accuracy"]
 
 
@@ -33,16 +34,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds)
     parser.add_argument("--set", action="append", default=[], help="run-config KEY=VALUE")
     args = parser.parse_args()
-    overrides = {}
-    for pair in args.set:
-        k, v = pair.split("=", 1)
-        try:
-            overrides[k] = int(v)
-        except ValueError:
-            try:
-                overrides[k] = float(v)
-            except ValueError:
-                overrides[k] = v
+    overrides = parse_overrides(args.set)
     for name, eps in (("heart_acc_nodp", math.inf), ("heart_acc_dp1", 1.0)):
         accs = [mean_site_accuracy(eps, seed, args.rounds, overrides) for seed in range(args.seeds)]
         print(f"{name}={statistics.mean(accs):.4f}")

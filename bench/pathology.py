@@ -40,18 +40,17 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config, simulated
+from bench.runs import simulated
 from fedcare.client import training
-from fedcare.shared.config import RunConfig
+from fedcare.shared.config import RunConfig, parse_overrides
 from fedcare.shared.registry import get_task
-from fedcare.simulation.cli import parse_overrides
 
 warnings.filterwarnings("ignore")
 
 
 def federated(epsilon: float, rounds: int, seed: int, overrides: dict,
               hospitals: list[Path] | None = None) -> dict[str, float]:
-    cfg = run_config({"task": "pathology", "num-rounds": rounds, "seed": seed, **overrides})
+    cfg = RunConfig.from_mapping({"task": "pathology", "num-rounds": rounds, "seed": seed, **overrides})
     with simulated(cfg, epsilon, data=hospitals or ()) as out:
         last = list(csv.DictReader((out / "rounds.csv").open()))[-1]
     return {k: float(v) for k, v in last.items() if v not in ("", None) and _is_float(v)}
@@ -65,29 +64,46 @@ def _is_float(text: str) -> bool:
         return False
 
 
-def write_hospitals(root: Path, out: Path, seed: int) -> list[Path]:
+def write_hospitals(root: Path, out: Path, seed: int) -> tuple[list[Path], dict[str, int]]:
     """The full PCam subset folder dealt into the four stain-shifted builtin hospitals
     (``Pathology.pcam_hospitals``), each written as a hospital's own folder of lossless
     PNGs (train/<class>/, test/<class>/), so the federation reads them as hospitals do.
-    Reused when ``out`` already holds them."""
+    Reused when ``out`` already holds them. Also returns the PNGs per split ("train",
+    "test"), which the ``done`` marker keeps for a reuse."""
     task = get_task("pathology")
     folders = [out / f"hospital{i + 1}" for i in range(4)]
-    if (out / "done").exists():
-        return folders
+    done = out / "done"
+    if done.exists():
+        return folders, _patch_counts(done, folders)
     records = task.read_file(root, "pcam", strict=True)
+    written: dict[str, set[Path]] = {"train": set(), "test": set()}
     for site, folder in zip(task.pcam_hospitals(records, seed, shifted=True), folders):
         for split, part in (("train", site.train), ("test", site.test)):
             for image, label, path in zip(part.data.images, part.labels, part.data.paths):
                 target = folder / split / str(int(label)) / (Path(path).stem + ".png")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(target)
-    (out / "done").write_text(f"{root} seed {seed}\n")
-    return folders
+                written[split].add(target)  # a set: a patch whose name repeats is one file
+    counts = {split: len(targets) for split, targets in written.items()}
+    done.write_text(f"{root} seed {seed}\n" + "".join(f"{split} {n}\n" for split, n in counts.items()))
+    return folders, counts
+
+
+def _patch_counts(done: Path, folders: list[Path]) -> dict[str, int]:
+    """PNGs per split as the ``done`` marker keeps them; a marker from before it kept
+    them gets the folders counted."""
+    counts = {}
+    for line in done.read_text().splitlines()[1:]:
+        split, n = line.split(" ")
+        counts[split] = int(n)
+    if counts.keys() != {"train", "test"}:
+        counts = {split: sum(len(list((h / split).rglob("*.png"))) for h in folders) for split in ("train", "test")}
+    return counts
 
 
 def bench_config(overrides: dict) -> RunConfig:
     task = get_task("pathology")
-    return run_config({"task": "pathology", **overrides}).resolved(task.defaults)
+    return RunConfig.from_mapping({"task": "pathology", **overrides}).resolved(task.defaults)
 
 
 def step_times(batch_size: int, repeats: int, overrides: dict) -> tuple[float, float]:
@@ -175,10 +191,9 @@ def main() -> None:
         hospitals = None
         if args.data_root:
             work = args.hospitals or Path(tempfile.mkdtemp(prefix="pcam-hospitals-"))
-            hospitals = write_hospitals(args.data_root, work, args.seed)
-            print(f"pcam_train_patches={sum(len(list((h / 'train').rglob('*.png'))) for h in hospitals)}")
-            print(f"pcam_test_patches={sum(len(list((h / 'test').rglob('*.png'))) for h in hospitals)}",
-                  flush=True)
+            hospitals, patches = write_hospitals(args.data_root, work, args.seed)
+            print(f"pcam_train_patches={patches['train']}")
+            print(f"pcam_test_patches={patches['test']}", flush=True)
         for tag, eps in (("nodp", math.inf), ("dp8", 8.0)):
             if args.only and tag != args.only:
                 continue

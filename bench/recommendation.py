@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config, summary
+from bench.runs import summary
 from fedcare.client import training
+from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
 from fedcare.shared.tasks import _policy
 from fedcare.shared.tasks.base import Records
@@ -46,8 +47,8 @@ ACTG_SETTINGS = {"batch-size": 256, "lr": 0.05}
 
 
 def federated(dataset: str, epsilon: float, rounds: int, seed: int, overrides: dict) -> dict:
-    cfg = run_config({"task": "recommendation", "dataset": dataset, "num-rounds": rounds, "seed": seed,
-                      **overrides})
+    cfg = RunConfig.from_mapping({"task": "recommendation", "dataset": dataset, "num-rounds": rounds,
+                                  "seed": seed, **overrides})
     return summary(cfg, epsilon)
 
 
@@ -55,8 +56,8 @@ def pooled_ndcg3(rounds: int, seed: int, overrides: dict) -> tuple[float, float]
     """NDCG@3 of the federation's model trained centrally on all hospitals' training
     records, and of a random ranking of the same held-out responses."""
     task = get_task("recommendation")
-    cfg = run_config({"task": "recommendation", "dataset": "longitudinal", "num-rounds": rounds, "seed": seed,
-                      **overrides}).resolved(task.defaults)
+    cfg = RunConfig.from_mapping({"task": "recommendation", "dataset": "longitudinal", "num-rounds": rounds,
+                                  "seed": seed, **overrides}).resolved(task.defaults)
     sites = task.builtin_sites("longitudinal", seed)
     train_cases = Cases.concat([s.train.data for s in sites])
     test_cases = Cases.concat([s.test.data for s in sites])

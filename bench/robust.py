@@ -22,9 +22,9 @@ from flwr.app import Array, ArrayRecord
 from flwr.clientapp import ClientApp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config, summary
+from bench.runs import summary
 from fedcare.client.app import app as honest_app
-from fedcare.shared.config import parse_epsilon
+from fedcare.shared.config import RunConfig, parse_epsilon
 
 ATTACKS = {"scaled": 100.0, "signflip": -1.0}
 
@@ -49,7 +49,8 @@ def corrupting(factor: float) -> ClientApp:
 
 
 def accuracy(strategy: str, attack: str | None, rounds: int, epsilon: float, seed: int) -> float:
-    cfg = run_config({"num-rounds": rounds, "strategy": strategy, "seed": seed, "reproducible-noise": True})
+    cfg = RunConfig.from_mapping({"num-rounds": rounds, "strategy": strategy, "seed": seed,
+                                  "reproducible-noise": True})
     apps = {1: corrupting(ATTACKS[attack])} if attack else None
     return summary(cfg, epsilon, apps=apps)["mean_site_accuracy"]
 

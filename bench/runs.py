@@ -11,20 +11,15 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
-from fedcare.shared.config import RunConfig
+from fedcare.shared.config import DEFAULT_SITE_DELTA, RunConfig
 from fedcare.simulation.runner import plan_federation, simulate
 
 
-def run_config(overrides: Mapping[str, Any]) -> RunConfig:
-    """The default run config with ``overrides`` (run-config keys) on top."""
-    return RunConfig.from_mapping({**RunConfig().to_mapping(), **overrides})
-
-
 @contextmanager
-def simulated(cfg: RunConfig, epsilon: float, *, delta: float = 1e-5, data: Sequence[Path] = (),
+def simulated(cfg: RunConfig, epsilon: float, *, data: Sequence[Path] = (),
               apps: Mapping[int, ClientApp] | None = None) -> Iterator[Path]:
     """The finished run folder, read inside the ``with`` and deleted after it."""
-    fed = plan_federation(cfg, epsilon=epsilon, delta=delta, data=data)
+    fed = plan_federation(cfg, epsilon=epsilon, delta=DEFAULT_SITE_DELTA, data=data)
     with tempfile.TemporaryDirectory() as tmp:
         yield simulate(cfg, fed, out=Path(tmp) / "run", apps=apps)
 

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config
 from bench.timers import clock, time_hospitals
+from fedcare.shared.config import RunConfig
 from fedcare.simulation import runner
 
 def write_sites(folder: Path, sites: int, records: int, seed: int) -> list[Path]:
@@ -63,7 +63,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths = write_sites(tmp, args.sites, args.records, seed=0)
-        cfg = run_config({"dataset": "breast-cancer", "num-rounds": args.rounds, "min-sites": args.sites})
+        cfg = RunConfig.from_mapping({"dataset": "breast-cancer", "num-rounds": args.rounds,
+                                      "min-sites": args.sites})
         t = time.perf_counter()
         fed = runner.plan_federation(cfg, epsilon=1.0, delta=1e-5, data=paths)
         plan_s = time.perf_counter() - t

@@ -20,8 +20,9 @@ import statistics
 import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config, simulated
+from bench.runs import simulated
 from fedcare.server import rounds
+from fedcare.shared.config import RunConfig
 
 _spent: list[float] = []
 _inner = rounds._train_round
@@ -36,8 +37,8 @@ def _timed(*args, **kwargs):
 
 
 def round_seconds(secure: bool, sites: int, num_rounds: int) -> float:
-    cfg = run_config({"num-rounds": num_rounds, "partition": "iid", "num-sites": sites,
-                      "secure-aggregation": secure})
+    cfg = RunConfig.from_mapping({"num-rounds": num_rounds, "partition": "iid", "num-sites": sites,
+                                  "secure-aggregation": secure})
     _spent.clear()
     with simulated(cfg, 1.0):
         pass  # only the train rounds count, clocked by _timed

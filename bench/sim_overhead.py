@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import run_config
 from bench.timers import clock, time_hospitals
 from fedcare.shared.config import RunConfig
 from fedcare.simulation.runner import plan_federation, simulate
 
 def inprocess(rounds: int, tmp: Path, tag: str, epsilon: float = 1.0) -> tuple[float, float]:
-    cfg = run_config({"num-rounds": rounds})
+    cfg = RunConfig.from_mapping({"num-rounds": rounds})
     fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
     clock.clear()
     t = time.perf_counter()
@@ -70,7 +69,7 @@ def main() -> None:
         small, _ = inprocess(3, tmp, "small")
         from fedcare.simulation.ray_engine import simulate_ray
 
-        cfg = run_config({"num-rounds": 3})
+        cfg = RunConfig.from_mapping({"num-rounds": 3})
         t = time.perf_counter()
         simulate_ray(cfg, out=tmp / "ray")
         ray_wall = time.perf_counter() - t

@@ -23,11 +23,11 @@ def timed(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return wrapper
 
 
-def time_hospitals(loops: str = "loops", client: str = "client") -> None:
-    """Clock the training/evaluation loops under ``loops`` and whole ClientApp calls under ``client``."""
+def time_hospitals(loops: str = "loops") -> None:
+    """Clock the training/evaluation loops under ``loops`` and whole ClientApp calls under "client"."""
     from fedcare.client import training
     from fedcare.simulation import runner
 
-    runner.client_app = timed(runner.client_app, client)
+    runner.client_app = timed(runner.client_app, "client")
     training.train = timed(training.train, loops)
     training.evaluate = timed(training.evaluate, loops)

@@ -85,7 +85,6 @@ def node_config(site: SiteConfig) -> str:
     return config_arg(pairs, "node config")
 
 
-
 def supernode_command(*, superlink: str, ca: Path, key: Path, site: SiteConfig, port: int = DEFAULT_RUNTIME_PORT,
                       trusted_entities: Path | None = None, max_wait: float | None = None) -> list[str]:
     cmd = [tool("flower-supernode"),

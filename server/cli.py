@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..shared.atomic import write_text_atomic
-from ..shared.config import RunConfig
+from ..shared.config import RunConfig, parse_overrides
 from ..shared.errors import ConfigError
 from ..shared.keys import load_public_key
 from . import provision as prov
@@ -152,8 +152,6 @@ def run(
     poll: float = typer.Option(2.0, help="Seconds between progress checks."),
 ) -> None:
     """Start a run on the federation through ``flwr run`` and follow it to its run folder."""
-    from ..simulation.cli import parse_overrides
-
     values: dict[str, Any] = parse_overrides(overrides)
     values.update({"task": task, "num-rounds": rounds})
     if min_sites is not None:
@@ -166,7 +164,7 @@ def run(
         raise ConfigError(f"run folder {out} (or its .partial) already exists")
     values["out-dir"] = str(out)
     run_config = superlink.run_config_arg(values)
-    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), **values})
+    cfg = RunConfig.from_mapping(values)
 
     with tempfile.TemporaryDirectory(prefix="fedcare-app-") as app_dir:
         superlink.write_app(Path(app_dir))

@@ -160,6 +160,5 @@ def write_app(folder: Path) -> Path:
 def run_config_arg(values: Mapping[str, Any]) -> str:
     """``--run-config`` text for ``flwr run``: checked against RunConfig first, so a
     typo fails here and not on the SuperLink after the run started."""
-    merged = {**RunConfig().to_mapping(), **values}
-    RunConfig.from_mapping(merged)
+    RunConfig.from_mapping(values)
     return config_arg(values.items(), "run-config")

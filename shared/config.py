@@ -165,6 +165,28 @@ def parse_epsilon(text: str) -> float:
     return value
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as Flower's --run-config would type them."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        value = value.strip()
+        typed: Any = value
+        if value.lower() in ("true", "false"):
+            typed = value.lower() == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    typed = conv(value)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = typed
+    return out
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """What the hospital itself decides: its data, its name and its privacy budget."""

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from ..shared.config import DEFAULT_SITE_DELTA, RunConfig, parse_epsilon
+from ..shared.config import DEFAULT_SITE_DELTA, RunConfig, parse_epsilon, parse_overrides
 from ..shared.errors import ConfigError
 
 app = typer.Typer(help="Simulate a federation of virtual hospitals in one process.",
@@ -16,32 +16,9 @@ app = typer.Typer(help="Simulate a federation of virtual hospitals in one proces
 console = Console()
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs as Flower's --run-config would type them."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        value = value.strip()
-        typed: Any = value
-        if value.lower() in ("true", "false"):
-            typed = value.lower() == "true"
-        else:
-            for conv in (int, float):
-                try:
-                    typed = conv(value)
-                    break
-                except ValueError:
-                    continue
-        out[key.strip()] = typed
-    return out
-
-
 def build_config(**options: Any) -> RunConfig:
     """Command-line options (None = not given) over RunConfig defaults, validated."""
-    mapping = RunConfig().to_mapping()
-    mapping.update(parse_overrides(options.pop("overrides") or []))
+    mapping = parse_overrides(options.pop("overrides") or [])
     names = {"task": "task", "dataset": "dataset", "model": "model", "rounds": "num-rounds",
              "strategy": "strategy", "seed": "seed", "partition": "partition", "sites": "num-sites",
              "alpha": "dirichlet-alpha", "val_fraction": "val-fraction"}

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..shared.config import DEFAULT_SITE_DELTA
+from ..shared.config import DEFAULT_SITE_DELTA, parse_epsilon
 
 console = Console(stderr=True)
 
@@ -40,7 +40,6 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Option([], "--set", help="Run-config KEY=VALUE for every run."),
     ) -> None:
         """Centralised, local-only, FedAvg, FedProx and FedAdam, without and with DP: table and plot."""
-        from ..shared.config import parse_epsilon
         from .experiments import compare
 
         cfg = _common_config(task, dataset, model, rounds, None, seed, partition, sites, alpha, overrides)

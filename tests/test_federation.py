@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedcare.client.site import builtin_partition
+from fedcare.client.site import builtin_partition, load_site, with_validation
 from fedcare.shared import tabular
+from fedcare.shared.config import SiteConfig
 from fedcare.shared.registry import get_task
 from fedcare.shared.tasks.diagnosis import HEART
 from fedcare.simulation.runner import plan_federation, simulate
@@ -137,9 +138,6 @@ def test_cleaning_treats_impossible_values_as_missing_and_drops_duplicates():
 
 def test_engine_with_another_number_of_hospitals_deals_the_pool_iid():
     """Flower's simulation engine picks the number of virtual hospitals (num-supernodes)."""
-    from fedcare.client.site import load_site
-    from fedcare.shared.config import SiteConfig
-
     task = get_task("diagnosis")
     cfg = small_config().resolved(task.defaults)
     sites = [load_site(task, cfg, SiteConfig.from_mapping({"partition-id": i, "num-partitions": 2})) for i in (0, 1)]
@@ -149,8 +147,6 @@ def test_engine_with_another_number_of_hospitals_deals_the_pool_iid():
 
 
 def test_validation_split_is_held_out_of_training_and_selects_the_best_round(tmp_path):
-    from fedcare.client.site import with_validation
-
     task = get_task("diagnosis")
     site = builtin_partition("diagnosis", "heart", "natural", 4, 0.5, 0)[0]
     split = with_validation(task, site, 0.2, 0)
@@ -169,7 +165,7 @@ def test_validation_split_is_held_out_of_training_and_selects_the_best_round(tmp
     assert summary["validation"]["best_round"] == int(best["round"])
     assert summary["validation"]["best_val_accuracy"] == pytest.approx(float(best["val_accuracy"]), abs=1e-5)
     assert summary["sites"]["cleveland"]["num_train"] == len(split.train)
-    saved = torch.load(run / "model_best_val.pt")
-    assert set(saved) == set(torch.load(run / "model.pt"))
+    saved, final = torch.load(run / "model_best_val.pt"), torch.load(run / "model.pt")
+    assert set(saved) == set(final)
     if summary["validation"]["best_round"] == 3:
-        assert all(torch.equal(saved[k], v) for k, v in torch.load(run / "model.pt").items())
+        assert all(torch.equal(saved[k], v) for k, v in final.items())
