@@ -42,6 +42,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
 from bench.runs import simulated
 from fedcare.client import training
+from fedcare.client.memory import keep_freed_memory
 from fedcare.shared.config import RunConfig, parse_overrides
 from fedcare.shared.registry import get_task
 
@@ -114,6 +115,7 @@ def step_times(batch_size: int, repeats: int, overrides: dict) -> tuple[float, f
 
     task = get_task("pathology")
     cfg = bench_config(overrides)
+    keep_freed_memory()  # as training.train does
     x = torch.randn(batch_size, 3, 88, 88)
     y = torch.randint(0, 2, (batch_size,))
 
@@ -129,7 +131,8 @@ def step_times(batch_size: int, repeats: int, overrides: dict) -> tuple[float, f
     def step(model, opt) -> float:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        task.loss(model, (x, y)).backward()
+        with training.per_sample_only(model, isinstance(opt, DPOptimizer)):  # as the training loop does
+            task.loss(model, (x, y)).backward()
         opt.step()
         return time.perf_counter() - start
 

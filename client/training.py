@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..shared.config import RunConfig
-from ..shared.tasks.base import Task
+from ..shared.tasks.base import PER_SAMPLE_ONLY, Task
+from .memory import keep_freed_memory
 
 # Opacus warns that its "secure RNG" (torchcsprng) is off; fedcare instead seeds the
 # noise generator from the OS CSPRNG (``noise_generator``), so the warning misleads.
@@ -87,6 +90,7 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
           seed: int, proximal_mu: float = 0.0) -> TrainOutcome:
     """One round of local training; ``noise_multiplier=None`` trains without DP."""
     dev = device()
+    keep_freed_memory()
     model.to(dev).train()
     n = len(data)
     q, steps = steps_per_round(n, cfg)
@@ -118,7 +122,35 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
         batches = _cycle(loader, steps)
         history = engine.accountant.history  # filled as the optimiser steps
 
+    with per_sample_only(model, noise_multiplier is not None and not task.ghost_clipping):
+        total, count = _steps(task, batches, run_model, model, optimizer, noise_multiplier, global_params,
+                              cfg.lr * proximal_mu)
+
+    if noise_multiplier is not None:
+        run_model._close() if hasattr(run_model, "_close") else None
+        history = list(history)
+    return TrainOutcome(loss=total / max(count, 1), steps=steps, history=history)
+
+
+@contextmanager
+def per_sample_only(model: nn.Module, on: bool) -> Iterator[None]:
+    """While Opacus computes per-sample gradients (hooks mode), let modules that can
+    (``PER_SAMPLE_ONLY``) skip their weights' batch gradient, which DP-SGD overwrites."""
+    modules = [m for m in model.modules() if hasattr(m, PER_SAMPLE_ONLY)] if on else []
+    for m in modules:
+        setattr(m, PER_SAMPLE_ONLY, True)
+    try:
+        yield
+    finally:
+        for m in modules:
+            setattr(m, PER_SAMPLE_ONLY, False)
+
+
+def _steps(task, batches, run_model, model, optimizer, noise_multiplier, global_params,
+           proximal_scale) -> tuple[float, int]:
+    """The optimiser steps of one round: (summed loss, records seen)."""
     total, count = 0.0, 0
+    dev = device()
     for batch in batches:
         batch = [t.to(dev) for t in batch]
         optimizer.zero_grad(set_to_none=True)
@@ -135,14 +167,10 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
         loss.backward()
         optimizer.step()
         if global_params is not None:
-            _proximal_step(model, global_params, cfg.lr * proximal_mu)
+            _proximal_step(model, global_params, proximal_scale)
         total += float(loss.detach()) * len(batch[0])
         count += len(batch[0])
-
-    if noise_multiplier is not None:
-        run_model._close() if hasattr(run_model, "_close") else None
-        history = list(history)
-    return TrainOutcome(loss=total / max(count, 1), steps=steps, history=history)
+    return total, count
 
 
 def evaluate(task: Task, model: nn.Module, data: Dataset, batch_size: int = 256) -> tuple[dict[str, float], float]:

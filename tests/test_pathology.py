@@ -234,6 +234,35 @@ def test_model_passes_opacus_validator_and_grouped_per_sample_grads_match():
         torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
 
 
+
+def test_per_sample_only_backward_keeps_per_sample_grads_and_input_grads():
+    """Under DP-SGD the convolutions skip autograd's batch weight gradient; the per-sample
+    gradients Opacus clips, and the gradients flowing to earlier layers, are unchanged."""
+    from opacus import GradSampleModule
+
+    from fedcare.client.training import per_sample_only
+
+    x, y = torch.randn(6, 3, 40, 40), torch.tensor([0, 1, 1, 0, 1, 0])
+    runs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = TASK.build_model(cfg(model="resnet-tiny"))
+        gsm = GradSampleModule(model)
+        with per_sample_only(model, on):
+            TASK.loss(gsm, (x, y)).backward()
+        runs.append({n: (p.grad_sample.clone(), p.grad) for n, p in model.named_parameters()})
+        # Opacus took the convolutions' per-sample gradients as computed, without its zeroed copy
+        assert getattr(model.stem[0].weight.grad_sample, "_fedcare_owned", False)
+        gsm._close()
+        if on:
+            assert not any(getattr(m, "per_sample_grads_only", False) for m in model.modules())  # reset
+    plain, fast = runs
+    convs = [n for n, _ in plain.items() if n.endswith("weight") and plain[n][0].dim() == 5]
+    assert convs and all(fast[n][1] is None for n in convs)  # no batch gradient computed
+    assert all(plain[n][1] is not None for n in convs)
+    for n in plain:
+        torch.testing.assert_close(fast[n][0], plain[n][0], rtol=1e-5, atol=1e-6)
+
 def test_scattering_front_end_is_fixed_and_orientation_selective():
     from opacus import GradSampleModule
 

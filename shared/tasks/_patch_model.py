@@ -18,16 +18,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import grad_sample_module as _gsm
 from opacus.utils.tensor_utils import unfold2d
 from torch.utils.data import Dataset
 
 from ._stain import hed_jitter
 
 #: Output sizes (H x W) from which a per-sample convolution gradient is cheaper as one
-#: grouped convolution than as Opacus' unfold + einsum (measured on CPU: 2-5x faster
-#: at 22x22 and above; at 11x11 it depends on the layer: slower for resnet's, faster
-#: for the scatter head's 64→96, so those maps stay on Opacus' path).
-_GROUPED_FROM = 256
+#: grouped convolution than as Opacus' unfold + einsum (measured on CPU, batch 64, with
+#: ``client.memory`` keeping freed blocks: 1.5-3x faster at 22x22, 1.8x at 11x11 for
+#: resnet's 96→96; at 6x6 about even).
+_GROUPED_FROM = 100
 
 
 class PatchConv(nn.Conv2d):
@@ -37,7 +38,38 @@ class PatchConv(nn.Conv2d):
     matrix product, which on large, thin feature maps costs far more than the layer's own
     backward pass. Treating the batch as convolution groups gives the same per-sample
     gradients from the optimised convolution-backward kernel (a test checks equality).
+
+    While DP-SGD trains it (``per_sample_grads_only``, set by the training loop), its
+    backward computes the input's gradient only: autograd's batch gradient of the weight
+    would be computed, then overwritten by Opacus' clipped and noised sum unused.
     """
+
+    per_sample_grads_only = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_sample_grads_only and self.training and torch.is_grad_enabled():
+            return _InputGradOnly.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
+        return super().forward(x)
+
+
+class _InputGradOnly(torch.autograd.Function):
+    """conv2d whose backward returns the input's gradient and none for weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conv
+        grad_in = None
+        if ctx.needs_input_grad[0]:
+            grad_in = torch.nn.grad.conv2d_input(shape, weight, grad_out, stride, padding, dilation, groups)
+        return grad_in, None, None, None, None, None, None
 
 
 def _patch_conv_grad_sample(layer: PatchConv, activations: list[torch.Tensor],
@@ -58,13 +90,44 @@ def _patch_conv_grad_sample(layer: PatchConv, activations: list[torch.Tensor],
         cols = unfold2d(a, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
                         dilation=layer.dilation)
         grad = torch.einsum("noq,npq->nop", backprops.reshape(n, cout, -1), cols)
-    out = {layer.weight: grad.reshape(n, cout, cin, *layer.kernel_size)}
+    out = {layer.weight: _owned(grad.reshape(n, cout, cin, *layer.kernel_size))}
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = backprops.sum(dim=(2, 3))
+        out[layer.bias] = _owned(backprops.sum(dim=(2, 3)))
     return out
 
 
 register_grad_sampler(PatchConv)(_patch_conv_grad_sample)
+
+_OWNED = "_fedcare_owned"
+
+
+def _owned(grad_sample: torch.Tensor) -> torch.Tensor:
+    """Mark a per-sample gradient this module allocated and nothing else refers to."""
+    setattr(grad_sample, _OWNED, True)
+    return grad_sample
+
+
+def _adopt_owned(original):
+    """Opacus' ``create_or_accumulate_grad_sample``, but a full batch of per-sample
+    gradients marked ``_owned`` becomes the parameter's buffer as it is.
+
+    Opacus always allocates a zeroed buffer of the batch size and copies the layer's
+    per-sample gradients into it (for recurrent layers, which accumulate): for this
+    model that is two passes over 44 M floats per step. Same values either way.
+    """
+    def create_or_accumulate_grad_sample(*, param, grad_sample, max_batch_len):
+        if (getattr(grad_sample, _OWNED, False) and param.requires_grad
+                and not hasattr(param, "_current_grad_sample") and grad_sample.shape[0] == max_batch_len):
+            param._current_grad_sample = grad_sample
+            return
+        original(param=param, grad_sample=grad_sample, max_batch_len=max_batch_len)
+
+    create_or_accumulate_grad_sample.wrapped = original
+    return create_or_accumulate_grad_sample
+
+
+if not hasattr(_gsm.create_or_accumulate_grad_sample, "wrapped"):
+    _gsm.create_or_accumulate_grad_sample = _adopt_owned(_gsm.create_or_accumulate_grad_sample)
 
 WIDTHS = {"resnet": (24, 48, 96, 192), "resnet-tiny": (8, 16, 32, 32)}
 

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 Arrays = dict[str, np.ndarray]
 
+#: A model module's flag, set by the DP-SGD loop (Opacus hooks mode) while it trains:
+#: the module's backward may then skip its weights' batch gradient, which DP-SGD
+#: discards, since Opacus computes the per-sample gradients it clips and noises from the
+#: same activations and backprops (``_patch_model.PatchConv``).
+PER_SAMPLE_ONLY = "per_sample_grads_only"
+
 
 @dataclass(frozen=True)
 class Records:
