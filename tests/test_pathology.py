@@ -262,6 +262,9 @@ def test_per_sample_only_backward_keeps_per_sample_grads_and_input_grads():
     assert all(plain[n][1] is not None for n in convs)
     for n in plain:
         torch.testing.assert_close(fast[n][0], plain[n][0], rtol=1e-5, atol=1e-6)
+    # the export still compiles the model (the DP-only backward is left out of TorchScript)
+    model.eval()
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x))
 
 def test_scattering_front_end_is_fixed_and_orientation_selective():
     from opacus import GradSampleModule

@@ -44,13 +44,20 @@ class PatchConv(nn.Conv2d):
     would be computed, then overwritten by Opacus' clipped and noised sum unused.
     """
 
-    per_sample_grads_only = False
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_sample_grads_only = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.per_sample_grads_only and self.training and torch.is_grad_enabled():
-            return _InputGradOnly.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                        self.groups)
-        return super().forward(x)
+        if self.per_sample_grads_only and self.training:
+            return self._input_grad_only(x)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _input_grad_only(self, x):  # unannotated: TorchScript reads it as Tensor -> Tensor
+        if not torch.is_grad_enabled():
+            return self._conv_forward(x, self.weight, self.bias)
+        return _InputGradOnly.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class _InputGradOnly(torch.autograd.Function):
