@@ -69,37 +69,21 @@ def write_hospitals(root: Path, out: Path, seed: int) -> tuple[list[Path], dict[
     """The full PCam subset folder dealt into the four stain-shifted builtin hospitals
     (``Pathology.pcam_hospitals``), each written as a hospital's own folder of lossless
     PNGs (train/<class>/, test/<class>/), so the federation reads them as hospitals do.
-    Reused when ``out`` already holds them. Also returns the PNGs per split ("train",
-    "test"), which the ``done`` marker keeps for a reuse."""
+    Reused when ``out`` already holds them. Also returns the PNGs per split."""
     task = get_task("pathology")
     folders = [out / f"hospital{i + 1}" for i in range(4)]
-    done = out / "done"
-    if done.exists():
-        return folders, _patch_counts(done, folders)
-    records = task.read_file(root, "pcam", strict=True)
-    written: dict[str, set[Path]] = {"train": set(), "test": set()}
-    for site, folder in zip(task.pcam_hospitals(records, seed, shifted=True), folders):
-        for split, part in (("train", site.train), ("test", site.test)):
-            for image, label, path in zip(part.data.images, part.labels, part.data.paths):
-                target = folder / split / str(int(label)) / (Path(path).stem + ".png")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(target)
-                written[split].add(target)  # a set: a patch whose name repeats is one file
-    counts = {split: len(targets) for split, targets in written.items()}
-    done.write_text(f"{root} seed {seed}\n" + "".join(f"{split} {n}\n" for split, n in counts.items()))
-    return folders, counts
-
-
-def _patch_counts(done: Path, folders: list[Path]) -> dict[str, int]:
-    """PNGs per split as the ``done`` marker keeps them; a marker from before it kept
-    them gets the folders counted."""
-    counts = {}
-    for line in done.read_text().splitlines()[1:]:
-        split, n = line.split(" ")
-        counts[split] = int(n)
-    if counts.keys() != {"train", "test"}:
-        counts = {split: sum(len(list((h / split).rglob("*.png"))) for h in folders) for split in ("train", "test")}
-    return counts
+    if not (out / "done").exists():
+        records = task.read_file(root, "pcam", strict=True)
+        for site, folder in zip(task.pcam_hospitals(records, seed, shifted=True), folders):
+            for split, part in (("train", site.train), ("test", site.test)):
+                for image, label, path in zip(part.data.images, part.labels, part.data.paths):
+                    target = folder / split / str(int(label)) / (Path(path).stem + ".png")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image).save(target)
+        (out / "done").write_text(f"{root} seed {seed}\n")
+    # counted on disk: a patch whose name repeats is one file
+    return folders, {split: sum(len(list((h / split).rglob("*.png"))) for h in folders)
+                     for split in ("train", "test")}
 
 
 def bench_config(overrides: dict) -> RunConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from functools import cache
 
 #: glibc's ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -24,31 +25,15 @@ _M_MMAP_MAX = -4
 #: Free memory at the top of the heap beyond this is still given back.
 _TRIM_BYTES = 1 << 30
 
-_applied = False
 
-
+@cache
 def keep_freed_memory() -> bool:
-    """Switch this process' malloc to reusing freed blocks (once); True if in effect."""
-    global _applied
-    if _applied:
-        return True
+    """Switch this process' malloc to reusing freed blocks (decided once); True if in effect."""
     if os.environ.get("FEDCARE_MALLOC") == "system" or not sys.platform.startswith("linux"):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their mallopt differs
         return False
-    if not _is_glibc():
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES) == 1
-    return _applied
-
-
-def _is_glibc() -> bool:
-    try:
-        version = ctypes.CDLL(None).gnu_get_libc_version
-    except AttributeError:
-        return False
-    version.restype = ctypes.c_char_p
-    return bool(version())
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES) == 1

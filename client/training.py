@@ -122,9 +122,27 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
         batches = _cycle(loader, steps)
         history = engine.accountant.history  # filled as the optimiser steps
 
+    total, count = 0.0, 0
     with per_sample_only(model, noise_multiplier is not None and not task.ghost_clipping):
-        total, count = _steps(task, batches, run_model, model, optimizer, noise_multiplier, global_params,
-                              cfg.lr * proximal_mu)
+        for batch in batches:
+            batch = [t.to(dev) for t in batch]
+            optimizer.zero_grad(set_to_none=True)
+            if len(batch[0]) == 0:
+                # An empty Poisson batch still costs a step: Opacus adds noise to zero grads.
+                if noise_multiplier is not None:
+                    _zero_grads(run_model, ghost=task.ghost_clipping)
+                    optimizer.step()
+                continue
+            if noise_multiplier is not None and task.ghost_clipping:
+                loss = _ghost_loss(run_model, optimizer, task.loss_per_sample(run_model, batch))
+            else:
+                loss = task.loss(run_model, batch)
+            loss.backward()
+            optimizer.step()
+            if global_params is not None:
+                _proximal_step(model, global_params, cfg.lr * proximal_mu)
+            total += float(loss.detach()) * len(batch[0])
+            count += len(batch[0])
 
     if noise_multiplier is not None:
         run_model._close() if hasattr(run_model, "_close") else None
@@ -144,33 +162,6 @@ def per_sample_only(model: nn.Module, on: bool) -> Iterator[None]:
     finally:
         for m in modules:
             setattr(m, PER_SAMPLE_ONLY, False)
-
-
-def _steps(task, batches, run_model, model, optimizer, noise_multiplier, global_params,
-           proximal_scale) -> tuple[float, int]:
-    """The optimiser steps of one round: (summed loss, records seen)."""
-    total, count = 0.0, 0
-    dev = device()
-    for batch in batches:
-        batch = [t.to(dev) for t in batch]
-        optimizer.zero_grad(set_to_none=True)
-        if len(batch[0]) == 0:
-            # An empty Poisson batch still costs a step: Opacus adds noise to zero grads.
-            if noise_multiplier is not None:
-                _zero_grads(run_model, ghost=task.ghost_clipping)
-                optimizer.step()
-            continue
-        if noise_multiplier is not None and task.ghost_clipping:
-            loss = _ghost_loss(run_model, optimizer, task.loss_per_sample(run_model, batch))
-        else:
-            loss = task.loss(run_model, batch)
-        loss.backward()
-        optimizer.step()
-        if global_params is not None:
-            _proximal_step(model, global_params, proximal_scale)
-        total += float(loss.detach()) * len(batch[0])
-        count += len(batch[0])
-    return total, count
 
 
 def evaluate(task: Task, model: nn.Module, data: Dataset, batch_size: int = 256) -> tuple[dict[str, float], float]:
