@@ -21,11 +21,15 @@ def check(
     task: str = typer.Option(..., help="Task whose schema the data must follow (e.g. diagnosis)."),
     data: Path = typer.Option(..., help="The hospital's data file or folder."),
     dataset: str = typer.Option("", help="Declared schema within the task (default: the task's default)."),
+    strict: bool = typer.Option(False, "--strict", help="Treat any unreadable record (skipped otherwise) as a "
+                                "problem, as 'fedcare simulate/hospital join --strict' would refuse the data."),
 ) -> None:
     """Validate local data against the task's schema and print a report (exit 2 on problems)."""
     t = get_task(task)
     dataset = dataset or t.defaults["dataset"]
     report = t.check_file(data, dataset)
+    if strict and report.unreadable:
+        report.problems.append(f"{report.unreadable} unreadable record(s): refused with --strict")
     console.print(f"[bold]{report.path}[/]: {report.rows} record(s), schema {task}/{dataset}")
     if report.columns:
         table = Table("column", "type", "missing", "min", "max")

@@ -93,6 +93,7 @@ def test_hospital_check_reports_and_exits_non_zero(tmp_path):
     assert any("1 invalid SMILES" in n and "row 32" in n for n in report.notes)
     assert any("repeated" in n for n in report.notes)
     assert "too few" in " ".join(report.problems)  # 5 distinct molecules
+    assert report.unreadable == 1  # the invalid SMILES; a repeated molecule is not unreadable
     result = runner.invoke(cli.app, ["hospital", "check", "--task", "drug", "--data", str(good)])
     assert result.exit_code != 0
     missing = _write(tmp_path, _csv(["CCO,1,0"], header="mol,NR-AR,SR-p53"), "nocol.csv")

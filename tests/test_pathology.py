@@ -354,6 +354,8 @@ def test_hospital_check_cli(tmp_path):
     result = cli("hospital", "check", "--task", "pathology", "--data", str(root))
     assert result.exit_code == 0, result.output
     assert "normal 6" in result.output and "gray.png" in result.output
+    result = cli("hospital", "check", "--task", "pathology", "--data", str(root), "--strict")
+    assert result.exit_code == 2 and "refused with --strict" in result.output
     empty = tmp_path / "empty"
     (empty / "normal").mkdir(parents=True)
     result = cli("hospital", "check", "--task", "pathology", "--data", str(empty))

@@ -84,6 +84,8 @@ class CheckReport:
     label_counts: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Unreadable records the reader would skip; a reader with ``strict`` refuses the data.
+    unreadable: int = 0
 
     @property
     def ok(self) -> bool:

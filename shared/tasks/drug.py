@@ -262,7 +262,7 @@ class Drug(Task):
     def check_file(self, path: Path, dataset: str) -> CheckReport:
         schema = endpoints_for(dataset)
         parsed = _parse(Path(path), schema, strict=False)
-        report = CheckReport(path=str(path), rows=parsed.rows)
+        report = CheckReport(path=str(path), rows=parsed.rows, unreadable=parsed.invalid)
         y = parsed.molecules.y
         report.columns.append({"column": SMILES, "kind": "smiles", "missing": parsed.invalid,
                                "min": math.nan, "max": math.nan})

@@ -195,7 +195,7 @@ class Pathology(Task):
     def check_file(self, path: Path, dataset: str) -> CheckReport:
         schema = image_schema(dataset)
         reading = _patches.read(Path(path), schema, strict=False)
-        report = CheckReport(path=str(path), rows=len(reading.images))
+        report = CheckReport(path=str(path), rows=len(reading.images), unreadable=len(reading.skipped))
         labels = np.asarray(reading.labels)
         report.label_counts = {c: int((labels == i).sum()) for i, c in enumerate(schema.classes)}
         report.notes.append(f"images: {schema.size}x{schema.size} px RGB, decoded and kept in memory")
