@@ -195,7 +195,8 @@ def train(job: _Job) -> RecordDict:
                 f"at delta={job.site_cfg.delta:g}")
 
     mu = float(job.config.get("proximal-mu", 0.0))
-    outcome = training.train(job.task, model, data, job.cfg, noise_multiplier=sigma, seed=seed, proximal_mu=mu)
+    outcome = training.train(job.task, model, data, job.cfg, noise_multiplier=sigma, seed=seed, proximal_mu=mu,
+                             lr=training.round_lr(job.cfg, round_))
 
     eps = math.inf
     if state is not None:

@@ -13,7 +13,7 @@ from ..shared.registry import get_task
 
 app = typer.Typer(help="Hospital side: check local data, join a federation, see the privacy budget.",
                   no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # paths stay whole, for copying
 
 
 @app.command("check")

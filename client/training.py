@@ -14,6 +14,7 @@ dropped by Opacus, which privatises per-sample gradients only.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -73,22 +74,50 @@ class TrainOutcome:
 LOCAL_LR_SCALE = 3.0
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig, local_prefixes: tuple[str, ...] = ()) -> torch.optim.Optimizer:
+def round_lr(cfg: RunConfig, round_: int) -> float:
+    """The learning rate of federated round ``round_`` (1-based) under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "cosine":
+        done = min(max(round_ - 1, 0), cfg.num_rounds) / max(cfg.num_rounds, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    return cfg.lr
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig, local_prefixes: tuple[str, ...] = (),
+                   lr: float | None = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
     shared, local = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (local if local_prefixes and name.startswith(local_prefixes) else shared).append(p)
     groups = [{"params": shared}]
     if local:
-        groups.append({"params": local, "lr": cfg.lr * LOCAL_LR_SCALE, "weight_decay": 0.0})
+        groups.append({"params": local, "lr": lr * LOCAL_LR_SCALE, "weight_decay": 0.0})
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
+def _model_stays_home(fn):
+    """Run ``fn(task, model, ...)`` on the compute device, then put the model back where the
+    caller had it (the CPU, as a rule): callers read weights and feed CPU tensors, and
+    must never be handed a CUDA model they did not ask for."""
+
+    @functools.wraps(fn)
+    def wrapped(task: Task, model: nn.Module, *args, **kwargs):
+        home = next(model.parameters()).device
+        try:
+            return fn(task, model, *args, **kwargs)
+        finally:
+            model.to(home)
+
+    return wrapped
+
+
+@_model_stays_home
 def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_multiplier: float | None,
-          seed: int, proximal_mu: float = 0.0) -> TrainOutcome:
-    """One round of local training; ``noise_multiplier=None`` trains without DP."""
+          seed: int, proximal_mu: float = 0.0, lr: float | None = None) -> TrainOutcome:
+    """One round of local training; ``noise_multiplier=None`` trains without DP; ``lr``
+    (default ``cfg.lr``) is this round's rate (``round_lr``)."""
     dev = device()
     keep_freed_memory()
     model.to(dev).train()
@@ -96,7 +125,7 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
     q, steps = steps_per_round(n, cfg)
     sampler_gen = torch.Generator().manual_seed(seed)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    optimizer = make_optimizer(model, cfg, task.local_prefixes)
+    optimizer = make_optimizer(model, cfg, task.local_prefixes, lr)
 
     if noise_multiplier is None:
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=sampler_gen,
@@ -140,7 +169,7 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
             loss.backward()
             optimizer.step()
             if global_params is not None:
-                _proximal_step(model, global_params, cfg.lr * proximal_mu)
+                _proximal_step(model, global_params, (cfg.lr if lr is None else lr) * proximal_mu)
             total += float(loss.detach()) * len(batch[0])
             count += len(batch[0])
 
@@ -164,6 +193,7 @@ def per_sample_only(model: nn.Module, on: bool) -> Iterator[None]:
             setattr(m, PER_SAMPLE_ONLY, False)
 
 
+@_model_stays_home
 def evaluate(task: Task, model: nn.Module, data: Dataset, batch_size: int = 256) -> tuple[dict[str, float], float]:
     """Task metrics and mean loss on ``data``."""
     dev = device()

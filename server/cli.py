@@ -32,7 +32,7 @@ from .results import read_csv_rows
 
 app = typer.Typer(help="Coordinator side: provision keys, start the SuperLink, admit hospitals, run rounds.",
                   no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)
 
 DIR_OPTION = typer.Option(Path("federation"), "--dir", help="The federation folder (keys, database).")
 CONNECTION_OPTION = typer.Option(superlink.DEFAULT_CONNECTION, "--connection",

@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a path in an error stays whole
 
 #: (module, attribute, name) of each sub-command group or command set.
 _GROUPS = [

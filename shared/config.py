@@ -24,6 +24,7 @@ from .errors import ConfigError
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum", "multi-krum")
 PARTITIONS = ("natural", "iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
 CENTRAL_DP = ("off", "server", "client")
 
 #: Budget a virtual hospital gets when its node config names none (Flower's simulation
@@ -55,6 +56,9 @@ class RunConfig:
     batch_size: int = 0
     lr: float = 0.0
     optimizer: str = ""
+    #: "constant", or "cosine": round r of R trains at lr * (1 + cos(pi * (r - 1) / R)) / 2,
+    #: the usual decay for long runs, with the round number the coordinator sends.
+    lr_schedule: str = "constant"
     weight_decay: float = -1.0
     dropout: float = -1.0
     #: Pathology stain normalisation: "none" or "hed" ("" = the task's default).
@@ -117,6 +121,7 @@ class RunConfig:
         need(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
         need(self.partition in PARTITIONS, "partition", f"one of {', '.join(PARTITIONS)}")
         need(self.optimizer in ("",) + OPTIMIZERS, "optimizer", "sgd or adam")
+        need(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"one of {', '.join(LR_SCHEDULES)}")
         need(self.local_epochs >= 0, "local-epochs", "must be >= 0")
         need(self.batch_size >= 0, "batch-size", "must be >= 0")
         need(self.lr >= 0, "lr", "must be >= 0")

@@ -13,7 +13,7 @@ from ..shared.errors import ConfigError
 
 app = typer.Typer(help="Simulate a federation of virtual hospitals in one process.",
                   invoke_without_command=True, no_args_is_help=False)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def build_config(**options: Any) -> RunConfig:

@@ -65,3 +65,17 @@ def test_site_config_parses_budget_and_infinity():
         SiteConfig.from_mapping({"delta": 1.5})
     with pytest.raises(ConfigError, match="budget"):
         SiteConfig.from_mapping({"budget": 3})
+
+
+def test_cosine_lr_schedule_decays_over_the_run_and_constant_stays():
+    from fedcare.client.training import round_lr
+
+    cosine = RunConfig.from_mapping({"lr": 0.1, "num-rounds": 10, "lr-schedule": "cosine"})
+    rates = [round_lr(cosine, r) for r in range(1, 11)]
+    assert rates[0] == pytest.approx(0.1) and rates[5] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and 0 < rates[-1] < 0.003
+    assert round_lr(cosine, 99) == pytest.approx(0.0)  # a round number past the run is clamped
+    constant = RunConfig.from_mapping({"lr": 0.1, "num-rounds": 10})
+    assert {round_lr(constant, r) for r in range(1, 11)} == {0.1}
+    with pytest.raises(ConfigError, match="lr-schedule"):
+        RunConfig.from_mapping({"lr-schedule": "step"})
