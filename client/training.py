@@ -125,6 +125,7 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
     q, steps = steps_per_round(n, cfg)
     sampler_gen = torch.Generator().manual_seed(seed)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    lr = cfg.lr if lr is None else lr
     optimizer = make_optimizer(model, cfg, task.local_prefixes, lr)
 
     if noise_multiplier is None:
@@ -169,7 +170,7 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
             loss.backward()
             optimizer.step()
             if global_params is not None:
-                _proximal_step(model, global_params, (cfg.lr if lr is None else lr) * proximal_mu)
+                _proximal_step(model, global_params, lr * proximal_mu)
             total += float(loss.detach()) * len(batch[0])
             count += len(batch[0])
 
