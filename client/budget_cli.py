@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ..shared.console import out as console
 from . import ledger as ledger_mod
 
 
@@ -41,7 +41,6 @@ def register(app: typer.Typer) -> None:
         delta: Optional[float] = typer.Option(None, help="Report ε at this δ (default: the last run's δ)."),
     ) -> None:
         """Privacy budget spent and remaining per data set, across every run (exit 3 if tampered)."""
-        console = Console()
         directory = ledger or ledger_mod.default_directory()
         table = Table("data set", "runs", "rounds", "ε spent", "δ", "ε budget", "ε left", "ledger",
                       title=f"Privacy ledger {directory}")

@@ -6,14 +6,13 @@ import math
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ..shared.console import out as console
 from ..shared.registry import get_task
 
 app = typer.Typer(help="Hospital side: check local data, join a federation, see the privacy budget.",
                   no_args_is_help=True)
-console = Console(soft_wrap=True)  # paths stay whole, for copying
 
 
 @app.command("check")

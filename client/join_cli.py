@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ..shared.config import SiteConfig, parse_epsilon
+from ..shared.console import err as console
 from ..shared.errors import DataError
 from ..shared.flower_tools import process_env
 from ..shared.keys import generate_hospital_key
 from ..shared.registry import get_task
 from . import supernode
 
-console = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from ..shared.console import out as console
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +29,5 @@ def register(app: typer.Typer) -> None:
                           "" if r["delta"] is None else f"{r['delta']:g}", str(r["members"]),
                           str(r["non_members"]), f"{r['mia_auc']:.3f}", f"{r['mia_advantage']:.3f}",
                           f"{r['mia_auc_calibrated']:.3f}" if "mia_auc_calibrated" in r else "n/a")
-        console = Console()
         console.print(table)
         console.print(f"wrote {Path(run_dir) / 'audit.json'} (and mia_auc into summary.json)")

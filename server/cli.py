@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..shared.atomic import write_text_atomic
 from ..shared.config import RunConfig, parse_overrides
+from ..shared.console import out as console
 from ..shared.errors import ConfigError
 from ..shared.keys import load_public_key
 from . import provision as prov
@@ -32,7 +32,6 @@ from .results import read_csv_rows
 
 app = typer.Typer(help="Coordinator side: provision keys, start the SuperLink, admit hospitals, run rounds.",
                   no_args_is_help=True)
-console = Console(soft_wrap=True)
 
 DIR_OPTION = typer.Option(Path("federation"), "--dir", help="The federation folder (keys, database).")
 CONNECTION_OPTION = typer.Option(superlink.DEFAULT_CONNECTION, "--connection",

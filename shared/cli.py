@@ -17,8 +17,8 @@ import logging
 import sys
 
 import typer
-from rich.console import Console
 
+from .console import err
 from .errors import FedcareError
 
 app = typer.Typer(
@@ -28,7 +28,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True, soft_wrap=True)  # a path in an error stays whole
 
 #: (module, attribute, name) of each sub-command group or command set.
 _GROUPS = [

@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
 from ..shared.config import DEFAULT_SITE_DELTA, RunConfig, parse_epsilon, parse_overrides
+from ..shared.console import out as console
 from ..shared.errors import ConfigError
 
 app = typer.Typer(help="Simulate a federation of virtual hospitals in one process.",
                   invoke_without_command=True, no_args_is_help=False)
-console = Console(soft_wrap=True)
 
 
 def build_config(**options: Any) -> RunConfig:

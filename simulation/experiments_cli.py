@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ..shared.config import DEFAULT_SITE_DELTA, parse_epsilon
+from ..shared.console import err as console
 
-console = Console(stderr=True)
 
 
 def _common_config(task, dataset, model, rounds, strategy, seed, partition, sites, alpha, overrides):

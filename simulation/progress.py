@@ -12,13 +12,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..server.events import Observer
+from ..shared.console import err
 
 
 class RichProgress(Observer):
     """A progress bar over rounds with the live global metric and the largest ε spent."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or err
         self.progress: Progress | None = None
         self.task_id = None
 
