@@ -75,7 +75,8 @@ def pooled_ndcg3(rounds: int, seed: int, overrides: dict) -> tuple[float, float]
     model = task.build_model(cfg)
     data = task.to_dataset(train, prep, cfg, train=True)
     for epoch in range(rounds):  # as many passes over every record as the federation made
-        training.train(task, model, data, cfg, noise_multiplier=None, seed=seed * 1000 + epoch)
+        training.train(task, model, data, cfg, noise_multiplier=None, seed=seed * 1000 + epoch,
+                       lr=training.round_lr(cfg, epoch + 1))
     metrics, _ = training.evaluate(task, model, task.to_dataset(test, prep, cfg, train=False))
     rng = np.random.default_rng(seed)
     chance = _policy.ranking_metrics(test.data.slot, rng.random(len(test)), test.data.outcome)["ndcg_at_3"]

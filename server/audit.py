@@ -59,7 +59,8 @@ def attack(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> dict[str, flo
 
 
 def reference_model(task, cfg, prep, sites, exclude: str) -> torch.nn.Module | None:
-    """A model trained like the run's (same rounds × local epochs), without DP, on the other sites."""
+    """A model trained like the run's (same rounds × local epochs and learning-rate
+    schedule), without DP, on the other sites."""
     from ..client import training
 
     others = [s.train for s in sites if s.name != exclude]
@@ -73,7 +74,8 @@ def reference_model(task, cfg, prep, sites, exclude: str) -> torch.nn.Module | N
     torch.manual_seed(cfg.seed + 1)
     model = task.build_model(cfg)
     for rnd in range(cfg.num_rounds):
-        training.train(task, model, data, cfg, noise_multiplier=None, seed=cfg.seed * 7_919 + rnd)
+        training.train(task, model, data, cfg, noise_multiplier=None, seed=cfg.seed * 7_919 + rnd,
+                       lr=training.round_lr(cfg, rnd + 1))
     return model.eval()
 
 

@@ -234,7 +234,6 @@ def test_model_passes_opacus_validator_and_grouped_per_sample_grads_match():
         torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
 
 
-
 def test_per_sample_only_backward_keeps_per_sample_grads_and_input_grads():
     """Under DP-SGD the convolutions skip autograd's batch weight gradient; the per-sample
     gradients Opacus clips, and the gradients flowing to earlier layers, are unchanged."""
@@ -265,6 +264,7 @@ def test_per_sample_only_backward_keeps_per_sample_grads_and_input_grads():
     # the export still compiles the model (the DP-only backward is left out of TorchScript)
     model.eval()
     torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+
 
 def test_scattering_front_end_is_fixed_and_orientation_selective():
     from opacus import GradSampleModule
