@@ -163,9 +163,7 @@ def stats(job: _Job) -> RecordDict:
     A sum over one record is that record: a site holding fewer than its ``min-records``
     (node config, default 5) refuses, as statistical offices suppress small cells.
     """
-    if len(job.site.train) < job.site_cfg.min_records:
-        raise DataError(f"{len(job.site.train)} training record(s), fewer than min-records "
-                        f"{job.site_cfg.min_records}: aggregate statistics would reveal individuals")
+    _require_records(len(job.site.train), job.site_cfg.min_records, "training")
     local = job.task.local_stats(job.site.train, job.cfg)
     return RecordDict({
         "stats": to_record(local),
@@ -210,23 +208,30 @@ def train(job: _Job) -> RecordDict:
 
     shared = {k: v.detach().cpu().numpy() for k, v in job.task.shared_state(model).items()}
     name, update = updates.outgoing(job.msg, job.context, job.cfg, shared, job.global_arrays, len(data))
-    return RecordDict({
-        name: update,
-        "metrics": MetricRecord({
-            "num-examples": len(data),
-            "train-loss": outcome.loss,
-            "steps": outcome.steps,
-            "epsilon": eps if math.isfinite(eps) else -1.0,
-            "delta": job.site_cfg.delta if state is not None else 0.0,
-            "noise-multiplier": sigma or 0.0,
-        }),
-        "site": job.site_record(),
-    })
+    metrics: dict[str, float | int] = {
+        "num-examples": len(data),
+        "steps": outcome.steps,
+        "epsilon": eps if math.isfinite(eps) else -1.0,
+        "delta": job.site_cfg.delta if state is not None else 0.0,
+        "noise-multiplier": sigma or 0.0,
+    }
+    if state is None:
+        # The round's mean loss is an exact statistic of the records it sampled: a DP site
+        # keeps it (ε covers the noised update only), a site without DP may share it.
+        metrics["train-loss"] = outcome.loss
+    return RecordDict({name: update, "metrics": MetricRecord(metrics), "site": job.site_record()})
 
 
 @app.evaluate()
 @_guarded
 def evaluate(job: _Job) -> RecordDict:
+    """Metrics of the global model on the site's test records (and validation records).
+
+    Like the preprocessing sums, a metric over fewer than ``min-records`` records is
+    close to a per-record value (the loss of one record names its label): such a test
+    set is refused, and such a validation set's metrics are left out.
+    """
+    _require_records(len(job.site.test), job.site_cfg.min_records, "test")
     data = prepared(job.task, job.site, job.prep, job.cfg, train=False)
     model = job.model()
     scores, loss = training.evaluate(job.task, model, data)
@@ -234,12 +239,18 @@ def evaluate(job: _Job) -> RecordDict:
     metrics: dict[str, float | int] = {"num-examples": len(data), "loss": loss,
                                        "epsilon": eps, "delta": job.site_cfg.delta if eps >= 0 else 0.0}
     metrics.update({k: float(v) for k, v in scores.items()})
-    if job.site.val is not None and len(job.site.val):
+    if job.site.val is not None and len(job.site.val) >= job.site_cfg.min_records:
         val = prepared_records(job.task, job.site.val, job.prep, job.cfg, train=False)
         val_scores, val_loss = training.evaluate(job.task, model, val)
         metrics.update({"num-val": len(val), "val_loss": val_loss})
         metrics.update({f"val_{k}": float(v) for k, v in val_scores.items()})
     return RecordDict({"metrics": MetricRecord(metrics), "site": job.site_record()})
+
+
+def _require_records(n: int, min_records: int, kind: str) -> None:
+    if n < min_records:
+        raise DataError(f"{n} {kind} record(s), fewer than min-records {min_records}: "
+                        "aggregate statistics would reveal individuals")
 
 
 def _privacy_state(job: _Job, n_train: int) -> privacy.PrivacyState | None:

@@ -47,6 +47,44 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     write_text_atomic(path, json.dumps(_clean(dict(payload)), indent=2, sort_keys=False) + "\n")
 
 
+class CsvLog:
+    """A CSV that grows by rows: appended in place while the rows fit its columns, so a
+    round costs O(its rows), not O(the whole history); rewritten (atomically) with the
+    union of columns when a row brings a new one."""
+
+    def __init__(self, path: Path, first_columns: Iterable[str]) -> None:
+        self.path, self.first_columns = path, list(first_columns)
+        self._keys: list[str] | None = None
+
+    def forget_columns(self) -> None:
+        """Re-read the header next time (the file was rewritten from outside)."""
+        self._keys = None
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        if self._keys is None and self.path.exists():
+            with self.path.open(newline="") as fh:
+                self._keys = next(csv.reader(fh), None)
+        if self._keys is not None and all(k in self._keys for row in rows for k in row):
+            with self.path.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self._keys, extrasaction="ignore")
+                for row in rows:
+                    writer.writerow({k: _fmt(row.get(k)) for k in self._keys})
+            return
+        existing: list[dict[str, Any]] = read_csv_rows(self.path)
+        keys = list(self.first_columns)
+        for row in existing + rows:
+            keys += [k for k in row if k not in keys]
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            for row in existing + rows:
+                writer.writerow({k: _fmt(row.get(k)) for k in keys})
+        self._keys = keys
+
+
 class RunFolder:
     """Writes a run's files into ``<final>.partial`` and publishes them on ``finish``."""
 
@@ -58,7 +96,8 @@ class RunFolder:
         if self.path.exists() and not resume:
             raise FileExistsError(f"{self.path} exists (an interrupted run: resume it or remove it)")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._metric_keys: list[str] | None = None
+        self._metrics = CsvLog(self.file("metrics.csv"), METRIC_COLUMNS)
+        self._rounds = CsvLog(self.file("rounds.csv"), ["round"])
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -67,33 +106,7 @@ class RunFolder:
         write_json(self.file("config.json"), config)
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        rows = list(rows)
-        if not rows:
-            return
-        path = self.file("metrics.csv")
-        if self._metric_keys is None and path.exists():
-            with path.open(newline="") as fh:
-                self._metric_keys = next(csv.reader(fh), None)
-        if self._metric_keys is not None and all(k in self._metric_keys for row in rows for k in row):
-            # Same columns as the file: append in place, so a round costs O(its rows), not
-            # O(the whole history) (a thousand sites write thousands of rows a round).
-            with path.open("a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=self._metric_keys, extrasaction="ignore")
-                for row in rows:
-                    writer.writerow({k: _fmt(row.get(k)) for k in self._metric_keys})
-            return
-        existing: list[dict[str, Any]] = read_csv_rows(path)
-        keys = list(METRIC_COLUMNS)
-        for row in existing + rows:
-            for k in row:
-                if k not in keys:
-                    keys.append(k)
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            for row in existing + rows:
-                writer.writerow({k: _fmt(row.get(k)) for k in keys})
-        self._metric_keys = keys
+        self._metrics.append(rows)
 
     def truncate(self, last_round: int) -> None:
         """Drop rows of rounds after ``last_round`` (written after the last checkpoint)."""
@@ -109,20 +122,11 @@ class RunFolder:
                 writer = csv.DictWriter(fh, fieldnames=keys)
                 writer.writeheader()
                 writer.writerows(kept)
-        self._metric_keys = None
+        self._metrics.forget_columns()
+        self._rounds.forget_columns()
 
     def append_round(self, row: Mapping[str, Any]) -> None:
-        path = self.file("rounds.csv")
-        rows: list[dict[str, Any]] = read_csv_rows(path)
-        rows.append(dict(row))
-        keys: list[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: _fmt(r.get(k)) for k in keys})
+        self._rounds.append([row])
 
     def save_model(self, state: Mapping[str, np.ndarray], prep: Mapping[str, np.ndarray]) -> None:
         self.save_arrays("model.pt", state)

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from ..shared.arrays import to_numpy, to_record
 from ..shared.config import RunConfig
+from ..shared.errors import FederationError
 from ..shared.registry import get_task
 from . import central_dp, checkpoint, events, export, report, results, secagg_round, validation
 from .aggregation import make_aggregator
@@ -55,6 +56,14 @@ class SiteStatus:
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_round: int = 0
     missed: list[int] = field(default_factory=list)
+    #: What the site reported of its last accepted training round (steps, noise multiplier,
+    #: and, from a site without DP, its training loss), for that round's metrics.csv row.
+    last_train: dict[str, float] = field(default_factory=dict)
+    last_train_round: int = 0
+
+
+#: Train-reply metrics copied into metrics.csv (reply key -> column).
+TRAIN_COLUMNS = {"train-loss": "train_loss", "steps": "steps", "noise-multiplier": "noise_multiplier"}
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -192,7 +201,8 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
         if len(nodes) >= cfg.min_sites:
             return nodes
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} site(s) connected; min-sites is {cfg.min_sites}")
+            raise FederationError(f"only {len(nodes)} site(s) connected within round-timeout "
+                                  f"{cfg.round_timeout:g} s; min-sites is {cfg.min_sites}")
         time.sleep(0.5)
 
 
@@ -218,7 +228,9 @@ def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
                                  num_test=int(metrics.get("num-test", 0)))
         totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
     if len(sites) < cfg.min_sites:
-        raise RuntimeError(f"only {len(sites)} site(s) answered the preprocessing round; min-sites is {cfg.min_sites}")
+        raise FederationError(f"only {len(sites)} of {len(nodes)} site(s) answered the preprocessing round "
+                              f"(min-sites {cfg.min_sites}); the others' refusals are listed above and, in "
+                              "detail, in each site's own log")
     return sites, task.finalize_stats(totals or {}, cfg)
 
 
@@ -274,6 +286,8 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
         if eps >= 0:
             site.epsilon, site.delta = eps, float(m["delta"])
         site.num_train = int(m["num-examples"])
+        site.last_train = {column: float(m[key]) for key, column in TRAIN_COLUMNS.items() if key in m}
+        site.last_train_round = rnd
 
     if cfg.secure_aggregation:
         # Masked updates: validated for form only, summed and unmasked in secagg_round.
@@ -348,8 +362,9 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
         m.pop("epsilon", None)
         m.pop("delta", None)
         site.num_test, site.last_eval, site.last_eval_round = n, m, rnd
+        trained = site.last_train if site.last_train_round == rnd else {}
         rows.append({"round": rnd, "site": site.name, "node_id": node, "status": "ok", "phase": "evaluate",
-                     "num_train": site.num_train, "num_test": n, **({"num_val": n_val} if n_val else {}),
+                     "num_train": site.num_train, "num_test": n, **({"num_val": n_val} if n_val else {}), **trained,
                      "epsilon": site.epsilon if not math.isnan(site.epsilon) else None,
                      "delta": site.delta if not math.isnan(site.delta) else None, **m})
         for k, v in m.items():

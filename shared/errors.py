@@ -51,6 +51,13 @@ class BudgetExceeded(FedcareError):
     """Training would spend more privacy budget than the hospital allows."""
 
 
+class FederationError(FedcareError):
+    """The federation cannot go on: too few sites connected or answered (their refusals
+    were reported as they came)."""
+
+    exit_code = 1
+
+
 # Codes carried in flwr Error replies. Reasons are fixed strings: no data values.
 @dataclass(frozen=True)
 class WireError:

@@ -49,6 +49,8 @@ def simulate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; print the run folder."),
     overrides: list[str] = typer.Option([], "--set", help="Any run-config KEY=VALUE (e.g. --set lr=0.1)."),
     ledger: str = typer.Option("off", help="Privacy-ledger directory for the virtual hospitals (default: none)."),
+    min_records: Optional[int] = typer.Option(None, "--min-records", help="Every virtual hospital's min-records "
+                                              "(fewest records it shares sums or metrics over; default 5)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder "
                                           "(or its .partial) from its last checkpoint; other options are "
                                           "taken from the checkpoint."),
@@ -72,12 +74,16 @@ def simulate(
         if engine == "ray":
             from .ray_engine import simulate_ray
 
+            if min_records is not None:
+                raise ConfigError("--min-records: Flower's engine passes no per-node config; use the "
+                                  "in-process engine")
             if data:
                 raise ConfigError("--engine ray runs builtin partitions only (Ray's virtual nodes get no "
                                   "data path); use the in-process engine with --data")
             folder = simulate_ray(cfg, out=out, epsilon=eps, delta=delta)
         elif engine == "inprocess":
-            federation = plan_federation(cfg, epsilon=eps, delta=delta, data=data, strict=strict, ledger=ledger)
+            federation = plan_federation(cfg, epsilon=eps, delta=delta, data=data, strict=strict, ledger=ledger,
+                                         min_records=min_records)
             if federation.skipped:
                 console.print(f"[yellow]{len(federation.skipped)} unreadable record(s)/file(s) skipped[/] "
                               "(listed in the run folder's skipped.csv; --strict refuses them)")

@@ -41,15 +41,18 @@ class Federation:
 
 
 def plan_federation(cfg: RunConfig, *, epsilon: float, delta: float, data: Sequence[Path] = (),
-                    strict: bool = False, ledger: str = "off") -> Federation:
+                    strict: bool = False, ledger: str = "off", min_records: int | None = None) -> Federation:
     """Node configs for builtin partitions or one hospital per data file, validated.
 
     ``ledger``: the privacy-ledger directory every virtual hospital writes to; "off" by
     default, so that a simulation never spends a real hospital's recorded budget.
+    ``min_records``: every virtual hospital's ``min-records`` (default: the node default).
     """
     task = get_task(cfg.task)
     resolved = cfg.resolved(task.defaults)
     budget = {"epsilon": epsilon, "delta": delta, "ledger": ledger or "off"}
+    if min_records is not None:
+        budget["min-records"] = min_records
     SiteConfig.from_mapping(budget)
     if data:
         configs = {}

@@ -125,6 +125,17 @@ def test_train_reply_matches_the_global_model(heart_csvs):
     assert all(arrays[k].shape == sent[k].shape for k in sent.keys())
     assert any(not np.array_equal(arrays[k].numpy(), sent[k].numpy()) for k in sent.keys())
     assert reply.content["metrics"]["epsilon"] == -1.0  # no DP: reported as "not accounted"
+    assert math.isfinite(reply.content["metrics"]["train-loss"])
+
+
+def test_a_dp_site_sends_no_training_loss(heart_csvs):
+    """The loss over a round's sampled records is exact, outside ε: a DP site keeps it."""
+    run = small_config()
+    ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0}, run)
+    reply = _train(ctx, run, 1, _prep(ctx, run))
+    metrics = reply.content["metrics"]
+    assert "train-loss" not in metrics
+    assert metrics["epsilon"] > 0 and metrics["noise-multiplier"] > 0 and metrics["steps"] > 0
 
 
 def test_evaluate_reply_has_task_metrics(heart_csvs):
@@ -176,3 +187,19 @@ def test_a_site_too_small_for_aggregates_refuses_to_share_them(tmp_path, heart_c
     assert not reply.has_content()
     ok = _context({"data": str(tiny), "epsilon": 1.0, "min-records": 2}, run)
     assert not _ask(ok, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})}).has_error()
+
+
+def test_a_test_set_too_small_for_aggregates_is_not_evaluated(tmp_path, heart_csvs):
+    """A loss over one test record names its label: tiny test sets report no metrics."""
+    lines = heart_csvs[0].read_text().splitlines()
+    small = tmp_path / "small.csv"
+    small.write_text("\n".join(lines[:13]) + "\n")  # twelve patients: about three to test on
+    run = small_config()
+    evaluate = {"arrays": _global_model(run), "config": ConfigRecord({"server-round": 1})}
+    ctx = _context({"data": str(small), "epsilon": 1.0, "min-records": 6}, run)
+    assert not _ask(ctx, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})}).has_error()
+    reply = _ask(ctx, MessageType.EVALUATE, {**evaluate, "preprocess": _prep(ctx, run)})
+    assert reply.has_error() and reply.error.code == errors.DATA_INVALID
+    assert not reply.has_content()
+    ok = _context({"data": str(small), "epsilon": 1.0, "min-records": 2}, run)
+    assert not _ask(ok, MessageType.EVALUATE, {**evaluate, "preprocess": _prep(ok, run)}).has_error()

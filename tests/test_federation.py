@@ -57,6 +57,8 @@ def test_metrics_csv_has_a_row_per_round_and_site(dp_run):
     for site in SITES:
         eps = [float(r["epsilon"]) for r in rows if r["site"] == site]
         assert eps == sorted(eps) and len(set(eps)) == 3, "ε grows every round"
+    assert all(int(r["steps"]) > 0 and float(r["noise_multiplier"]) > 0 for r in rows)
+    assert all(r["train_loss"] == "" for r in rows), "DP sites keep their training loss"
 
 
 def test_model_weights_load_into_a_fresh_model(dp_run):

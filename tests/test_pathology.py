@@ -363,6 +363,23 @@ def test_hospital_check_cli(tmp_path):
     assert str(empty) in str(result.exception)
 
 
+def test_too_small_virtual_hospitals_stop_the_run_with_a_clear_error(tmp_path):
+    """24 Kather tiles over 4 hospitals leave each fewer than min-records (5) to train on:
+    the sites refuse their sums and the run stops (exit 1), no run folder; a researcher
+    may lower min-records for such data."""
+    from fedcare.shared.errors import FederationError
+
+    args = ["simulate", "--task", "pathology", "--dataset", "kather", "--rounds", "1", "--set",
+            "model=resnet-tiny", "--quiet"]
+    result = cli(*args, "--out", str(tmp_path / "refused"))
+    assert isinstance(result.exception, FederationError), result.output
+    assert result.exception.exit_code == 1 and "answered the preprocessing round" in str(result.exception)
+    assert not any(tmp_path.iterdir())
+    result = cli(*args, "--sites", "2", "--min-records", "2", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((tmp_path / "run" / "summary.json").read_text())["sites"]) == {"site0", "site1"}
+
+
 def test_kather_is_multiclass_with_per_class_metrics():
     site = TASK.builtin_sites("kather", 0)[0]
     assert len(site.train) + len(site.test) == 24

@@ -289,8 +289,9 @@ BLOCK = 8
 
 
 def _pathology_hospital(root: Path, offset: int) -> Path:
-    """12 PCam patches in PCam's layout: 4 train and 2 test per class."""
-    for split, n in (("train", 4), ("test", 2)):
+    """14 PCam patches in PCam's layout: 4 train and 3 test per class (a test set of at
+    least min-records, 5, or the site would not evaluate)."""
+    for split, n in (("train", 4), ("test", 3)):
         for label in ("0", "1"):
             dst = root / split / label
             dst.mkdir(parents=True)
@@ -344,7 +345,7 @@ def test_pathology_replies_hold_no_pixel_block_and_errors_are_generic(tmp_path: 
     resolved = cfg.resolved(task.defaults)
     records = [task.read_file(h, "pcam") for h in hospitals]
     paths = [p for r in records for p in r.data.paths.tolist()]
-    assert len(paths) == 24
+    assert len(paths) == 28
     texts = paths + [Path(p).name for p in paths] + [Path(p).stem for p in paths] + ["SECRET-SLIDE-4412"]
     assert not (found := sent.leaked_texts(texts)), found[:5]
     assert set(sent.config_values) <= {"north", "south"}

@@ -178,3 +178,20 @@ def test_sweep_curve_over_epsilons(tmp_path):
     assert (out / "sweep.png").read_bytes().startswith(PNG)
     with pytest.raises(ConfigError):
         sweep(_cfg(), epsilons=[0.0], seeds=1, delta=1e-5, out=tmp_path / "bad")
+
+
+def test_csv_log_appends_in_place_and_widens_for_a_new_column(tmp_path):
+    """rounds.csv and metrics.csv grow by rows without rewriting the history each round."""
+    from fedcare.server.results import CsvLog, read_csv_rows
+
+    path = tmp_path / "rounds.csv"
+    log = CsvLog(path, ["round"])
+    log.append([{"round": 1, "accuracy": 0.5}])
+    first = path.read_text()
+    log.append([{"round": 2, "accuracy": 0.625}])
+    assert path.read_text().startswith(first) and path.read_text().count("\n") == 3
+    CsvLog(path, ["round"]).append([{"round": 3, "accuracy": 0.75, "roc_auc": 0.8}])  # a resumed writer
+    rows = read_csv_rows(path)
+    assert [r["round"] for r in rows] == ["1", "2", "3"]
+    assert list(rows[0]) == ["round", "accuracy", "roc_auc"] and rows[0]["roc_auc"] == ""
+    assert rows[2]["roc_auc"] == "0.8"
