@@ -56,6 +56,8 @@ class SiteStatus:
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_round: int = 0
     missed: list[int] = field(default_factory=list)
+    #: Rounds whose training reply was refused by the site (budget, data) or rejected here.
+    rejected: list[int] = field(default_factory=list)
     #: What the site reported of its last accepted training round (steps, noise multiplier,
     #: and, from a site without DP, its training loss), for that round's metrics.csv row.
     last_train: dict[str, float] = field(default_factory=dict)
@@ -168,7 +170,7 @@ def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, gri
         round=rnd, config=cfg.to_mapping(), global_arrays=global_arrays, prep=prep,
         strategy_state=checkpoint.strategy_state(strategy),
         sites={s.name: {"epsilon": s.epsilon, "delta": s.delta, "last_eval": s.last_eval,
-                        "last_eval_round": s.last_eval_round, "missed": s.missed,
+                        "last_eval_round": s.last_eval_round, "missed": s.missed, "rejected": s.rejected,
                         "num_train": s.num_train, "num_test": s.num_test,
                         "declared_train": s.declared_train} for s in sites.values()},
         node_states=node_states, random_state=random_state, torch_rng=torch_rng,
@@ -185,6 +187,7 @@ def _restore_sites(sites: dict[int, "SiteStatus"], saved: dict[str, dict[str, An
         site.last_eval = {k: (math.nan if v is None else float(v)) for k, v in s["last_eval"].items()}
         site.last_eval_round = int(s["last_eval_round"])
         site.missed = [int(r) for r in s["missed"]]
+        site.rejected = [int(r) for r in s.get("rejected", [])]
         site.num_train, site.num_test = int(s["num_train"]), int(s["num_test"])
         site.declared_train = int(s.get("declared_train", site.declared_train))
 
@@ -273,6 +276,8 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
     def reject(node: int, reason: str, msg: Message | None = None) -> None:
         answered.add(node)
         site = sites.get(node)
+        if site is not None:
+            site.rejected.append(rnd)
         name = site.name if site else (validation.site_name(msg) if msg is not None else f"node-{node}")
         observer.rejected(rnd, name, reason)
         rows.append({"round": rnd, "site": name, "node_id": node, "status": f"rejected: {reason}", "phase": "train"})
@@ -359,8 +364,10 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
         m = {k: float(v) for k, v in msg.content.metric_records["metrics"].items()}
         n = int(m.pop("num-examples"))
         n_val = int(m.pop("num-val", 0))
-        m.pop("epsilon", None)
-        m.pop("delta", None)
+        eps, delta = m.pop("epsilon", -1.0), m.pop("delta", math.nan)
+        if math.isfinite(eps) and eps >= 0:
+            # What the site has spent so far, also when it refused every round (0 then, not "no DP").
+            site.epsilon, site.delta = eps, delta
         site.num_test, site.last_eval, site.last_eval_round = n, m, rnd
         trained = site.last_train if site.last_train_round == rnd else {}
         rows.append({"round": rnd, "site": site.name, "node_id": node, "status": "ok", "phase": "evaluate",
@@ -394,6 +401,7 @@ def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, An
             "dp": not math.isnan(s.epsilon),
             "evaluated_round": s.last_eval_round,
             "missed_rounds": s.missed,
+            "rejected_rounds": s.rejected,
         })
         per_site[s.name] = entry
     summary: dict[str, Any] = {

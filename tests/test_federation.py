@@ -61,6 +61,18 @@ def test_metrics_csv_has_a_row_per_round_and_site(dp_run):
     assert all(r["train_loss"] == "" for r in rows), "DP sites keep their training loss"
 
 
+def test_sites_that_refuse_every_round_still_report_their_budget(tmp_path):
+    """A budget too small for any noise the sites accept: each refuses training, and the
+    summary says so (ε spent 0 under DP, refused rounds listed), never "no DP"."""
+    cfg = small_config(num_rounds=2)
+    out = simulate(cfg, plan_federation(cfg, epsilon=0.01, delta=1e-5), out=tmp_path / "run")
+    summary = json.loads((out / "summary.json").read_text())
+    for site in summary["sites"].values():
+        assert site["dp"] is True and site["epsilon"] == 0.0 and site["delta"] == 1e-5
+        assert site["rejected_rounds"] == [1, 2] and site["missed_rounds"] == []
+    assert summary["max_epsilon"] == 0.0
+
+
 def test_model_weights_load_into_a_fresh_model(dp_run):
     task = get_task("diagnosis")
     model = task.build_model(small_config().resolved(task.defaults))
