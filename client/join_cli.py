@@ -40,6 +40,10 @@ def join(
     site: str = typer.Option("", help="Name shown to the coordinator (default: the data file's name)."),
     ledger: str = typer.Option("", help="Privacy ledger folder (default ~/.fedcare/ledger; 'off' to keep none)."),
     strict: bool = typer.Option(False, help="Refuse the data if any record is unreadable."),
+    max_noise: float = typer.Option(SiteConfig.max_noise, "--max-noise", help="Most noise multiplier accepted: "
+                                    "a run that would need more to fit the remaining budget is refused."),
+    min_records: int = typer.Option(SiteConfig.min_records, "--min-records", help="Fewest records this "
+                                    "hospital shares sums or metrics over."),
     port: int = typer.Option(supernode.DEFAULT_RUNTIME_PORT, help="Local port of the SuperNode's runtime API "
                              "(distinct per SuperNode on one machine)."),
     trusted_entities: Optional[Path] = typer.Option(None, help="YAML of trusted app publishers' Ed25519 keys: "
@@ -64,7 +68,8 @@ def join(
 
     eps = parse_epsilon(epsilon)
     cfg = SiteConfig.from_mapping({"data": str(data.expanduser().resolve()), "site": site or data.stem,
-                                   "epsilon": eps, "delta": delta, "ledger": ledger, "strict": strict})
+                                   "epsilon": eps, "delta": delta, "ledger": ledger, "strict": strict,
+                                   "max-noise": max_noise, "min-records": min_records})
     supernode.check_ca(ca)
     supernode.check_private_key(key)
     if trusted_entities is not None:

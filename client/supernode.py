@@ -82,6 +82,11 @@ def node_config(site: SiteConfig) -> str:
     if site.strict:
         pairs.append(("strict", True))
     pairs += [("epsilon", site.epsilon), ("delta", site.delta)]
+    defaults = SiteConfig()
+    for key, value, default in (("max-noise", site.max_noise, defaults.max_noise),
+                                ("min-records", site.min_records, defaults.min_records)):
+        if value != default:
+            pairs.append((key, value))
     return config_arg(pairs, "node config")
 
 

@@ -231,6 +231,8 @@ class SiteConfig:
             raise ConfigError("node-config 'delta': must be in (0, 1)")
         if cfg.min_records < 2:
             raise ConfigError("node-config 'min-records': must be >= 2")
+        if not (cfg.max_noise > 0):
+            raise ConfigError("node-config 'max-noise': must be > 0")
         return cfg
 
     @property
