@@ -44,6 +44,8 @@ def join(
                                     "a run that would need more to fit the remaining budget is refused."),
     min_records: int = typer.Option(SiteConfig.min_records, "--min-records", help="Fewest records this "
                                     "hospital shares sums or metrics over."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of this hospital's own train/test split: "
+                                   "the same records train in every run, whatever seed a coordinator sets."),
     port: int = typer.Option(supernode.DEFAULT_RUNTIME_PORT, help="Local port of the SuperNode's runtime API "
                              "(distinct per SuperNode on one machine)."),
     trusted_entities: Optional[Path] = typer.Option(None, help="YAML of trusted app publishers' Ed25519 keys: "
@@ -69,7 +71,8 @@ def join(
     eps = parse_epsilon(epsilon)
     cfg = SiteConfig.from_mapping({"data": str(data.expanduser().resolve()), "site": site or data.stem,
                                    "epsilon": eps, "delta": delta, "ledger": ledger, "strict": strict,
-                                   "max-noise": max_noise, "min-records": min_records})
+                                   "max-noise": max_noise, "min-records": min_records,
+                                   "split-seed": split_seed})
     supernode.check_ca(ca)
     supernode.check_private_key(key)
     if trusted_entities is not None:

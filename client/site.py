@@ -26,11 +26,15 @@ log = logging.getLogger("fedcare.client")
 
 
 def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
-    """The hospital's train/test records for this run."""
+    """The hospital's train/test records for this run (split by the hospital's own
+    ``split-seed`` when it set one, else by the run's seed)."""
+    split_seed = cfg.seed
     if site_cfg.data:
         path = Path(site_cfg.data).expanduser()
         stamp = file_stamp(path)
-        site = _file_site(task.name, cfg.dataset, str(path), stamp, site_cfg.strict, cfg.seed)
+        if site_cfg.split_seed is not None:
+            split_seed = site_cfg.split_seed
+        site = _file_site(task.name, cfg.dataset, str(path), stamp, site_cfg.strict, split_seed)
     elif site_cfg.partition_id is not None:
         sites = builtin_partition(task.name, cfg.dataset, cfg.partition, cfg.num_sites,
                                   cfg.dirichlet_alpha, cfg.seed)
@@ -52,7 +56,7 @@ def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
     else:
         raise ConfigError("node config names no data: set data=PATH (or partition-id in simulation)")
     if cfg.val_fraction > 0:
-        site = with_validation(task, site, cfg.val_fraction, cfg.seed)
+        site = with_validation(task, site, cfg.val_fraction, split_seed)
     if site_cfg.site:
         site = Site(name=site_cfg.site, train=site.train, test=site.test, val=site.val)
     return site

@@ -87,6 +87,8 @@ def node_config(site: SiteConfig) -> str:
                                 ("min-records", site.min_records, defaults.min_records)):
         if value != default:
             pairs.append((key, value))
+    if site.split_seed is not None:
+        pairs.append(("split-seed", site.split_seed))
     return config_arg(pairs, "node config")
 
 

@@ -211,6 +211,10 @@ class SiteConfig:
     #: Fewest training records with which the site shares aggregate statistics or
     #: updates (a sum over one record is that record).
     min_records: int = 5
+    #: Seed of the hospital's own train/test (and validation) split of its data file;
+    #: unset, the run's seed decides, and a coordinator choosing seeds would choose which
+    #: of the hospital's records its exact preprocessing sums cover in each run.
+    split_seed: int | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "SiteConfig":
