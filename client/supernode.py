@@ -75,20 +75,15 @@ def check_trusted_entities(path: Path) -> None:
 
 
 def node_config(site: SiteConfig) -> str:
-    """``--node-config`` text; strings as TOML literals (no escapes, Windows paths survive)."""
-    pairs: list[tuple[str, object]] = [("data", site.data), ("site", site.site)]
-    if site.ledger:
-        pairs.append(("ledger", site.ledger))
-    if site.strict:
-        pairs.append(("strict", True))
-    pairs += [("epsilon", site.epsilon), ("delta", site.delta)]
-    defaults = SiteConfig()
-    for key, value, default in (("max-noise", site.max_noise, defaults.max_noise),
-                                ("min-records", site.min_records, defaults.min_records)):
-        if value != default:
-            pairs.append((key, value))
-    if site.split_seed is not None:
-        pairs.append(("split-seed", site.split_seed))
+    """``--node-config`` text; strings as TOML literals (no escapes, Windows paths survive).
+
+    The data, name and budget always; any other setting the hospital changed from its
+    default (ledger, strict, max-noise, min-records, split-seed, ...).
+    """
+    always = ("data", "site", "epsilon", "delta")
+    defaults = SiteConfig().to_mapping()
+    pairs: list[tuple[str, object]] = [(k, v) for k, v in site.to_mapping().items()
+                                       if k in always or v != defaults[k]]
     return config_arg(pairs, "node config")
 
 

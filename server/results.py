@@ -56,9 +56,19 @@ class CsvLog:
         self.path, self.first_columns = path, list(first_columns)
         self._keys: list[str] | None = None
 
-    def forget_columns(self) -> None:
-        """Re-read the header next time (the file was rewritten from outside)."""
-        self._keys = None
+    def truncate(self, last_round: int) -> None:
+        """Drop the rows of rounds after ``last_round``."""
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            keys = list(reader.fieldnames or [])
+            kept = [r for r in reader if _round_of(r) <= last_round]
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(kept)
+        self._keys = keys
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         rows = list(rows)
@@ -110,20 +120,8 @@ class RunFolder:
 
     def truncate(self, last_round: int) -> None:
         """Drop rows of rounds after ``last_round`` (written after the last checkpoint)."""
-        for name in ("metrics.csv", "rounds.csv"):
-            path = self.file(name)
-            if not path.exists():
-                continue
-            with path.open(newline="") as fh:
-                reader = csv.DictReader(fh)
-                keys = list(reader.fieldnames or [])
-                kept = [r for r in reader if _round_of(r) <= last_round]
-            with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=keys)
-                writer.writeheader()
-                writer.writerows(kept)
-        self._metrics.forget_columns()
-        self._rounds.forget_columns()
+        self._metrics.truncate(last_round)
+        self._rounds.truncate(last_round)
 
     def append_round(self, row: Mapping[str, Any]) -> None:
         self._rounds.append([row])

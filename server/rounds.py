@@ -58,10 +58,10 @@ class SiteStatus:
     missed: list[int] = field(default_factory=list)
     #: Rounds whose training reply was refused by the site (budget, data) or rejected here.
     rejected: list[int] = field(default_factory=list)
-    #: What the site reported of its last accepted training round (steps, noise multiplier,
-    #: and, from a site without DP, its training loss), for that round's metrics.csv row.
+    #: What the site reported of this round's accepted training (steps, noise multiplier,
+    #: and, from a site without DP, its training loss), for the round's metrics.csv row;
+    #: emptied as each training round starts.
     last_train: dict[str, float] = field(default_factory=dict)
-    last_train_round: int = 0
 
 
 #: Train-reply metrics copied into metrics.csv (reply key -> column).
@@ -272,6 +272,8 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
     rows: list[dict[str, Any]] = []
     answered: set[int] = set()
     declared = {node: site.declared_train for node, site in sites.items()}
+    for site in sites.values():
+        site.last_train = {}
 
     def reject(node: int, reason: str, msg: Message | None = None) -> None:
         answered.add(node)
@@ -292,7 +294,6 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
             site.epsilon, site.delta = eps, float(m["delta"])
         site.num_train = int(m["num-examples"])
         site.last_train = {column: float(m[key]) for key, column in TRAIN_COLUMNS.items() if key in m}
-        site.last_train_round = rnd
 
     if cfg.secure_aggregation:
         # Masked updates: validated for form only, summed and unmasked in secagg_round.
@@ -369,9 +370,9 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
             # What the site has spent so far, also when it refused every round (0 then, not "no DP").
             site.epsilon, site.delta = eps, delta
         site.num_test, site.last_eval, site.last_eval_round = n, m, rnd
-        trained = site.last_train if site.last_train_round == rnd else {}
         rows.append({"round": rnd, "site": site.name, "node_id": node, "status": "ok", "phase": "evaluate",
-                     "num_train": site.num_train, "num_test": n, **({"num_val": n_val} if n_val else {}), **trained,
+                     "num_train": site.num_train, "num_test": n, **({"num_val": n_val} if n_val else {}),
+                     **site.last_train,
                      "epsilon": site.epsilon if not math.isnan(site.epsilon) else None,
                      "delta": site.delta if not math.isnan(site.delta) else None, **m})
         for k, v in m.items():

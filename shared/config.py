@@ -239,6 +239,9 @@ class SiteConfig:
             raise ConfigError("node-config 'max-noise': must be > 0")
         return cfg
 
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
     @property
     def private(self) -> bool:
         return math.isfinite(self.epsilon)
