@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..shared.compute import device
 from ..shared.config import RunConfig
 from ..shared.tasks.base import PER_SAMPLE_ONLY, Task
 from .memory import keep_freed_memory
@@ -36,11 +37,6 @@ from .memory import keep_freed_memory
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 # Opacus' hooks on a first layer whose input needs no grad: expected, harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-
-def device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def noise_generator(reproducible: bool, seed: int, dev: torch.device) -> torch.Generator:
@@ -121,6 +117,10 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
     dev = device()
     keep_freed_memory()
     model.to(dev).train()
+    data = _placed(data, dev)
+    views = getattr(data, "views_per_record", 1)
+    if views > 1 and noise_multiplier is not None and task.ghost_clipping:
+        raise ValueError("augmentation multiplicity needs per-sample gradients (hooks mode), not ghost clipping")
     n = len(data)
     q, steps = steps_per_round(n, cfg)
     sampler_gen = torch.Generator().manual_seed(seed)
@@ -168,6 +168,8 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
             else:
                 loss = task.loss(run_model, batch)
             loss.backward()
+            if views > 1 and noise_multiplier is not None:
+                average_views(run_model, views)
             optimizer.step()
             if global_params is not None:
                 _proximal_step(model, global_params, lr * proximal_mu)
@@ -178,6 +180,33 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
         run_model._close() if hasattr(run_model, "_close") else None
         history = list(history)
     return TrainOutcome(loss=total / max(count, 1), steps=steps, history=history)
+
+
+def _placed(data: Dataset, dev: torch.device) -> Dataset:
+    """``data`` held on the compute device when it can be (``on_device``), so that its
+    batches are gathered and augmented there rather than on the CPU."""
+    place = getattr(data, "on_device", None)
+    return place(dev) if place is not None else data
+
+
+def average_views(model: nn.Module, views: int) -> None:
+    """Replace each per-sample gradient by the mean over its record's ``views`` adjacent
+    augmented copies, before Opacus clips them.
+
+    One record then contributes one gradient, clipped to the bound as before, so the
+    sensitivity, the sample rate and hence ε are those of one view per record (De et al.
+    2022, "augmentation multiplicity"); the averaged gradient varies less, so the same
+    noise drowns less of it.
+    """
+    for p in model.parameters():
+        grad = getattr(p, "grad_sample", None)
+        if grad is None:
+            continue
+        if isinstance(grad, list):
+            grad = torch.cat(grad, dim=0)
+        if grad.shape[0] % views:
+            raise ValueError(f"{grad.shape[0]} per-sample gradients are not whole groups of {views} views")
+        p.grad_sample = grad.view(grad.shape[0] // views, views, *grad.shape[1:]).mean(dim=1)
 
 
 @contextmanager
@@ -199,6 +228,7 @@ def evaluate(task: Task, model: nn.Module, data: Dataset, batch_size: int = 256)
     """Task metrics and mean loss on ``data``."""
     dev = device()
     model.to(dev).eval()
+    data = _placed(data, dev)
     scores, targets = [], []
     total, count = 0.0, 0
     with torch.no_grad():

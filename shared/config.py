@@ -26,6 +26,8 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
 CENTRAL_DP = ("off", "server", "client")
+#: Evaluation views: the identity, the four rotations, or rotations and mirror images.
+TEST_VIEWS = (1, 4, 8)
 
 #: Budget a virtual hospital gets when its node config names none (Flower's simulation
 #: engine passes only partition ids). Deliberately strict; never taken from run config.
@@ -65,6 +67,15 @@ class RunConfig:
     stain_norm: str = ""
     #: DP-SGD per-sample clipping bound (0 = the task's default, else 1.0).
     max_grad_norm: float = 0.0
+    #: Augmented views of each sampled record per training step (tasks that augment:
+    #: pathology). Under DP-SGD a record's views are averaged into one gradient before
+    #: clipping ("augmentation multiplicity", De et al. 2022): the same sensitivity and ε,
+    #: a less noisy signal, K times the compute. 0 = the task's default (1).
+    aug_mult: int = 0
+    #: Views averaged at evaluation (test-time augmentation over the square's symmetries;
+    #: pathology): 1, 4 (the four rotations) or 8 (rotations and their mirror images).
+    #: 0 = the task's default (1).
+    test_views: int = 0
     partition: str = "natural"
     num_sites: int = 4
     dirichlet_alpha: float = 0.5
@@ -135,6 +146,8 @@ class RunConfig:
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
         need(self.dropout < 1, "dropout", "must be < 1")
         need(self.stain_norm in ("", "none", "hed"), "stain-norm", "none or hed")
+        need(self.aug_mult >= 0, "aug-mult", "must be >= 1 (0 = the task's default)")
+        need(self.test_views in (0,) + TEST_VIEWS, "test-views", "1, 4 or 8 (0 = the task's default)")
         need(0 < self.secagg_threshold <= 1, "secagg-threshold", "must be in (0, 1]")
         need(self.central_dp in CENTRAL_DP, "central-dp", f"one of {', '.join(CENTRAL_DP)}")
         need(self.central_noise > 0, "central-noise", "must be > 0")
@@ -150,8 +163,13 @@ class RunConfig:
         """Fill "task default" sentinels from a task's defaults mapping."""
         sentinel = {"dataset": "", "model": "", "local_epochs": 0, "batch_size": 0,
                     "lr": 0.0, "optimizer": "", "weight_decay": -1.0, "dropout": -1.0,
-                    "stain_norm": "", "max_grad_norm": 0.0, "num_rounds": 0}
-        defaults = {"num_rounds": FALLBACK_ROUNDS, "max_grad_norm": FALLBACK_CLIP, **defaults}
+                    "stain_norm": "", "max_grad_norm": 0.0, "num_rounds": 0, "aug_mult": 0, "test_views": 0}
+        for name in ("aug_mult", "test_views"):
+            if getattr(self, name) > 1 and name not in defaults:
+                raise ConfigError(f"run-config '{_key(name)}': this task does not augment its records "
+                                  "(pathology does)")
+        defaults = {"num_rounds": FALLBACK_ROUNDS, "max_grad_norm": FALLBACK_CLIP, "aug_mult": 1,
+                    "test_views": 1, **defaults}
         changes = {name: defaults[name] for name, empty in sentinel.items()
                    if getattr(self, name) == empty and name in defaults}
         return dataclasses.replace(self, **changes)

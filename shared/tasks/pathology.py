@@ -27,6 +27,10 @@ little data; nothing in the front end is trained, so DP-SGD's per-sample work is
 head's alone: about twice the DP throughput; see the README for accuracy);
 ``resnet-tiny`` for tests. Cross-entropy, softmax scores. Metrics: accuracy,
 precision, recall, F1, ROC-AUC; per-class F1 for kather.
+
+Run config ``aug-mult`` (K augmented views of each sampled patch per step, averaged into
+one gradient before DP clipping: same ε, less noisy signal) and ``test-views`` (scores
+averaged over the square's turns and mirror images at evaluation) are this task's own.
 """
 
 from __future__ import annotations
@@ -142,6 +146,14 @@ def _pixel_sums(images: np.ndarray, chunk: int = _stain._CHUNK) -> dict[str, np.
     return _stain.channel_sums(images, lambda chunk_: chunk_ / 255.0, "pixel", chunk)
 
 
+def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax scores; for evaluation views (B, V, 3, h, w), their mean over the V views."""
+    if x.dim() == 5:
+        b, v = x.shape[:2]
+        return torch.softmax(model(x.flatten(0, 1)), dim=1).view(b, v, -1).mean(dim=1)
+    return torch.softmax(model(x), dim=1)
+
+
 @register
 class Pathology(Task):
     name = "pathology"
@@ -157,6 +169,8 @@ class Pathology(Task):
         "weight_decay": 1e-4,
         "dropout": 0.0,
         "stain_norm": "hed",
+        "aug_mult": 1,
+        "test_views": 1,
     }
     test_fraction = 0.25
 
@@ -260,7 +274,8 @@ class Pathology(Task):
         return PatchDataset(self.prepare_images(records.data.images, prep, cfg),
                             torch.from_numpy(records.labels.astype(np.int64)),
                             torch.as_tensor(prep["pixel_mean"]), torch.as_tensor(prep["pixel_std"]),
-                            size - CROP_MARGIN, train=train, seed=cfg.seed)
+                            size - CROP_MARGIN, train=train, seed=cfg.seed,
+                            views=max(cfg.aug_mult, 1) if train else max(cfg.test_views, 1))
 
     # ---- model ------------------------------------------------------------------
     def build_model(self, cfg: Any) -> nn.Module:
@@ -272,11 +287,13 @@ class Pathology(Task):
 
     def loss(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         x, y = batch
+        if x.dim() == 5:  # evaluation views: the loss of the averaged probabilities
+            return F.nll_loss(torch.log(probabilities(model, x).clamp_min(1e-12)), y)
         return F.cross_entropy(model(x), y)
 
     def predict(self, model: nn.Module, batch: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         x, y = batch
-        return torch.softmax(model(x), dim=1).cpu().numpy(), y.cpu().numpy()
+        return probabilities(model, x).cpu().numpy(), y.cpu().numpy()
 
     def metrics(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         if scores.shape[1] == 2:
@@ -309,13 +326,14 @@ class Pathology(Task):
         data = PatchDataset(self.prepare_images(_patches.stack(images), prep, cfg),
                             torch.zeros(len(images), dtype=torch.long),
                             torch.as_tensor(prep["pixel_mean"]), torch.as_tensor(prep["pixel_std"]),
-                            schema.size - CROP_MARGIN, train=False)
+                            schema.size - CROP_MARGIN, train=False, views=max(cfg.test_views, 1))
         model.eval()
+        home = next(model.parameters()).device
         probs = []
         with torch.no_grad():
             for start in range(0, len(data), 256):
                 x, _ = data.batch(range(start, min(start + 256, len(data))))
-                probs.append(torch.softmax(model(x), dim=1).numpy())
+                probs.append(probabilities(model, x.to(home)).cpu().numpy())
         prob = np.concatenate(probs)
         frame = pd.DataFrame({"file": [str(p) for p in files]})
         for i, name in enumerate(schema.classes):
