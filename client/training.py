@@ -125,8 +125,8 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
     q, steps = steps_per_round(n, cfg)
     sampler_gen = torch.Generator().manual_seed(seed)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    lr = cfg.lr if lr is None else lr
     optimizer = make_optimizer(model, cfg, task.local_prefixes, lr)
+    proximal_scale = optimizer.param_groups[0]["lr"] * proximal_mu  # this round's rate, as the optimiser has it
 
     if noise_multiplier is None:
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=sampler_gen,
@@ -172,7 +172,7 @@ def train(task: Task, model: nn.Module, data: Dataset, cfg: RunConfig, *, noise_
                 average_views(run_model, views)
             optimizer.step()
             if global_params is not None:
-                _proximal_step(model, global_params, lr * proximal_mu)
+                _proximal_step(model, global_params, proximal_scale)
             total += float(loss.detach()) * len(batch[0])
             count += len(batch[0])
 

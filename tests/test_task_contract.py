@@ -77,3 +77,26 @@ def test_split_is_disjoint_and_deterministic(task_and_site):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == len(site.train)
 
+
+
+def test_fedprox_proximal_step_uses_the_rounds_learning_rate():
+    """The decoupled step w <- w - lr_r * mu * (w - w_global) at round r's rate: with
+    mu = 1 / lr_r each step returns the model to the global weights exactly; half that
+    leaves it moved (a step at the base rate would overshoot instead)."""
+    task = get_task("diagnosis")
+    cfg = RunConfig.from_mapping({"task": "diagnosis", "num-rounds": 4, "lr-schedule": "cosine",
+                                  "batch-size": 16}).resolved(task.defaults)
+    site = task.builtin_sites(cfg.dataset, seed=0)[0]
+    prep = task.finalize_stats(task.local_stats(site.train, cfg), cfg)
+    data = task.to_dataset(site.train, prep, cfg, train=True)
+    rate = training.round_lr(cfg, 3)
+    assert rate < cfg.lr
+    moved = {}
+    for mu in (1.0 / rate, 0.5 / rate):
+        torch.manual_seed(0)
+        model = task.build_model(cfg)
+        start = [p.detach().clone() for p in model.parameters()]
+        training.train(task, model, data, cfg, noise_multiplier=None, seed=0, proximal_mu=mu, lr=rate)
+        moved[mu] = max(float((p.detach() - s).abs().max()) for p, s in zip(model.parameters(), start))
+    assert moved[1.0 / rate] < 1e-6
+    assert moved[0.5 / rate] > 1e-4

@@ -24,6 +24,7 @@ from opacus.grad_sample import grad_sample_module as _gsm
 from opacus.utils.tensor_utils import unfold2d
 from torch.utils.data import Dataset
 
+from ..config import TEST_VIEWS
 from ._stain import hed_jitter
 
 #: Output sizes (H x W) from which a per-sample convolution gradient is cheaper on the CPU
@@ -198,7 +199,7 @@ class PatchDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                  crop: int, *, train: bool, seed: int = 0, jitter: float = 0.05, views: int = 1) -> None:
-        if views < 1 or (not train and views not in (1, 4, 8)):
+        if views < 1 or (not train and views not in TEST_VIEWS):
             raise ValueError(f"views: {views} (training: >= 1; evaluation: 1, 4 or 8)")
         self.images, self.labels = images, labels
         self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
@@ -262,11 +263,12 @@ class PatchDataset(Dataset):
         b, g, dev = x.shape[0], self.gen, x.device
         flip = (torch.rand(b, generator=g) < 0.5).to(dev)
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
-        turns = torch.randint(0, 4, (b,), generator=g).to(dev)
-        for k in range(1, 4):
-            turned = turns == k
-            if bool(turned.any()):
-                x[turned] = torch.rot90(x[turned], k, dims=(2, 3))
+        turns = torch.randint(0, 4, (b,), generator=g).to(dev).view(b, 1, 1, 1)
+        # rot90 by k on a square as a transpose (odd k), then a flip of rows (k = 1, 2)
+        # and of columns (k = 2, 3): three selections, no per-turn masks or device syncs
+        x = torch.where(turns % 2 == 1, x.transpose(-2, -1), x)
+        x = torch.where((turns == 1) | (turns == 2), x.flip(-2), x)
+        x = torch.where(turns >= 2, x.flip(-1), x)
         span = x.shape[-1] - self.crop + 1
         oy = torch.randint(0, span, (b,), generator=g).to(dev)
         ox = torch.randint(0, span, (b,), generator=g).to(dev)
