@@ -5,7 +5,8 @@ folder, atomically (a temporary file renamed over the old one), so a kill at any
 leaves either the previous round's checkpoint or this one, never half of one. It holds:
 
 * the round number and the run configuration it belongs to;
-* the global model and the federation's preprocessing parameters;
+* the global model, its moving average (``ema-decay``) and the federation's
+  preprocessing parameters;
 * the strategy's state: every attribute that is a dict of arrays (FedAdam's ``m_t``,
   ``v_t`` and ``current_arrays``, control variates of strategies that keep them);
 * the RNG states the server draws from (Python's ``random``, which Flower's node
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from ..shared.atomic import write_bytes_atomic
+from ..shared.config import RunConfig
 from ..shared.errors import ConfigError
 
 FILE = "checkpoint.npz"
@@ -59,6 +61,8 @@ class Checkpoint:
     last_metric: float | None = None
     #: (round, validation metric, test metric) of the best validation round so far.
     best: tuple[int, float, float | None] | None = None
+    #: The moving average of the global model (``ema-decay``), when the run keeps one.
+    average: dict[str, np.ndarray] | None = None
 
 
 def strategy_state(strategy: Any, prefix: str = "") -> dict[str, dict[str, np.ndarray]]:
@@ -106,6 +110,8 @@ def save(folder: Path, ckpt: Checkpoint) -> Path:
         arrays[f"global/{k}"] = np.asarray(v)
     for k, v in ckpt.prep.items():
         arrays[f"prep/{k}"] = np.asarray(v)
+    for k, v in (ckpt.average or {}).items():
+        arrays[f"average/{k}"] = np.asarray(v)
     for attr, values in ckpt.strategy_state.items():
         for k, v in values.items():
             arrays[f"strategy/{attr}/{k}"] = np.asarray(v)
@@ -149,6 +155,10 @@ def load(path: Path) -> Checkpoint:
             ckpt.global_arrays[rest] = value
         elif kind == "prep":
             ckpt.prep[rest] = value
+        elif kind == "average":
+            if ckpt.average is None:
+                ckpt.average = {}
+            ckpt.average[rest] = value
         elif kind == "strategy":
             attr, _, name = rest.partition("/")
             ckpt.strategy_state.setdefault(attr, {})[name] = value
@@ -179,8 +189,11 @@ def final_name(partial: Path) -> Path:
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
     """Refuse to continue a run under a different configuration."""
+    # A key the checkpoint lacks was added to fedcare after it was written: the run had
+    # that key's default.
+    defaults = RunConfig().to_mapping()
     diff = sorted(k for k in set(saved) | set(current)
-                  if k not in MAY_DIFFER and saved.get(k) != current.get(k))
+                  if k not in MAY_DIFFER and saved.get(k, defaults.get(k)) != current.get(k))
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
         raise ConfigError(f"cannot resume {where}: run config differs from the checkpoint's ({detail})")

@@ -9,7 +9,8 @@ Per run:
    validated (``validation``) and only accepted replies are aggregated; then every site
    evaluates the new global model on its own test records.
 3. Per-site and global metrics are written after each round; the final model, summary
-   and plot when the run ends.
+   and plot when the run ends. With ``ema-decay`` the model evaluated and saved is the
+   moving average of the rounds' aggregates (``averaging``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..shared.arrays import to_numpy, to_record
 from ..shared.config import RunConfig
 from ..shared.errors import FederationError
 from ..shared.registry import get_task
-from . import central_dp, checkpoint, events, export, report, results, secagg_round, validation
+from . import averaging, central_dp, checkpoint, events, export, report, results, secagg_round, validation
 from .aggregation import make_aggregator
 from .strategies import build_strategy
 
@@ -126,18 +127,24 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
         if best is not None and best[0] == saved.round:
             # The best model is saved after its round's checkpoint; a kill in between
             # left the file a round behind, and the checkpoint holds that round's model.
-            folder.save_arrays(BEST_MODEL, global_arrays)
+            folder.save_arrays(BEST_MODEL, saved.average if saved.average is not None else global_arrays)
+        # The model the sites evaluate and the run saves: the plain aggregate, or with
+        # ema-decay its moving average over rounds (training continues from the aggregate).
+        average = saved.average if saved is not None else None
         for rnd in range(first, cfg.num_rounds + 1):
             global_arrays = _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg,
                                          folder, observer)
-            metric, val_metric = _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task,
+            if cfg.ema_decay > 0:
+                average = averaging.updated(average, global_arrays, cfg.ema_decay)
+            served = average if average is not None else global_arrays
+            metric, val_metric = _evaluate_round(grid, strategy, rnd, served, prep_record, sites, task,
                                                  cfg, folder, observer)
             improved = val_metric is not None and math.isfinite(val_metric) and (best is None or val_metric > best[1])
             if improved:
                 best = (rnd, val_metric, metric)
-            _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric, best)
+            _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric, best, average)
             if improved:
-                folder.save_arrays(BEST_MODEL, global_arrays)
+                folder.save_arrays(BEST_MODEL, served)
         summary = _summary(task, cfg, sites)
         if best is not None:
             summary["validation"] = {
@@ -147,7 +154,7 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
             }
         summary.update(central_dp.report(strategy, cfg))
         folder.write_summary(summary)
-        folder.save_model(global_arrays, prep)
+        folder.save_model(average if average is not None else global_arrays, prep)
         results.plot_progress(folder.path, task.main_metric)
         export.write_all(folder.path, task, cfg, summary)
         report.write_report(folder.path)
@@ -163,7 +170,7 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
     return final
 
 
-def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric, best) -> None:
+def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric, best, average) -> None:
     random_state, torch_rng = checkpoint.capture_rng()
     node_states = grid.node_states() if hasattr(grid, "node_states") else {}
     checkpoint.save(folder.path, checkpoint.Checkpoint(
@@ -174,7 +181,8 @@ def _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, gri
                         "num_train": s.num_train, "num_test": s.num_test,
                         "declared_train": s.declared_train} for s in sites.values()},
         node_states=node_states, random_state=random_state, torch_rng=torch_rng,
-        last_metric=metric if metric is not None and math.isfinite(metric) else None, best=best))
+        last_metric=metric if metric is not None and math.isfinite(metric) else None, best=best,
+        average=average))
 
 
 def _restore_sites(sites: dict[int, "SiteStatus"], saved: dict[str, dict[str, Any]]) -> None:

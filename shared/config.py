@@ -76,6 +76,10 @@ class RunConfig:
     #: pathology): 1, 4 (the four rotations) or 8 (rotations and their mirror images).
     #: 0 = the task's default (1).
     test_views: int = 0
+    #: Decay of the coordinator's exponential moving average of the global model over
+    #: rounds (0 = off). The average is what sites evaluate and what the run saves;
+    #: training continues from the plain aggregate. Post-processing: no ε.
+    ema_decay: float = 0.0
     partition: str = "natural"
     num_sites: int = 4
     dirichlet_alpha: float = 0.5
@@ -148,6 +152,7 @@ class RunConfig:
         need(self.stain_norm in ("", "none", "hed"), "stain-norm", "none or hed")
         need(self.aug_mult >= 0, "aug-mult", "must be >= 1 (0 = the task's default)")
         need(self.test_views in (0,) + TEST_VIEWS, "test-views", "1, 4 or 8 (0 = the task's default)")
+        need(0 <= self.ema_decay < 1, "ema-decay", "must be in [0, 1) (0 = off)")
         need(0 < self.secagg_threshold <= 1, "secagg-threshold", "must be in (0, 1]")
         need(self.central_dp in CENTRAL_DP, "central-dp", f"one of {', '.join(CENTRAL_DP)}")
         need(self.central_noise > 0, "central-noise", "must be > 0")
@@ -166,8 +171,8 @@ class RunConfig:
                     "stain_norm": "", "max_grad_norm": 0.0, "num_rounds": 0, "aug_mult": 0, "test_views": 0}
         for name in ("aug_mult", "test_views"):
             if getattr(self, name) > 1 and name not in defaults:
-                raise ConfigError(f"run-config '{_key(name)}': this task does not augment its records "
-                                  "(pathology does)")
+                raise ConfigError(f"run-config '{_key(name)}': task '{self.task}' does not augment its "
+                                  "records (only tasks whose defaults declare this key do)")
         defaults = {"num_rounds": FALLBACK_ROUNDS, "max_grad_norm": FALLBACK_CLIP, "aug_mult": 1,
                     "test_views": 1, **defaults}
         changes = {name: defaults[name] for name, empty in sentinel.items()

@@ -3,7 +3,8 @@
 The interrupted run is a real separate process killed with SIGKILL once its round-k
 checkpoint is on disk (it is held inside round k+1, after that round's rows were already
 written, so resuming must also cut those rows). FedAdam (server optimiser moments) and
-DP-SGD with reproducible noise: the final weights, the per-site ε, every metric row and
+DP-SGD with reproducible noise, and the coordinator's moving average of the model
+(``ema-decay``, in the checkpoint): the final weights, the per-site ε, every metric row and
 the best validation round must equal the uninterrupted run's, whether that round comes
 after the checkpoint (k = 2) or is the checkpoint's own round (k = 3).
 """
@@ -30,7 +31,7 @@ from fedcare.shared.errors import ConfigError
 from fedcare.simulation.runner import plan_federation, resume, simulate
 
 CONFIG = {"dataset": "breast-cancer", "partition": "iid", "num-sites": 2, "num-rounds": 4,
-          "strategy": "fedadam", "reproducible-noise": True, "seed": 3, "val-fraction": 0.2}
+          "strategy": "fedadam", "reproducible-noise": True, "seed": 3, "val-fraction": 0.2, "ema-decay": 0.5}
 
 KILLED_RUN = textwrap.dedent("""
     import sys, time
@@ -155,6 +156,10 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     with pytest.raises(ConfigError, match="differs"):
         checkpoint.check_compatible({"num-rounds": 4, "seed": 1}, {"num-rounds": 5, "seed": 1}, tmp_path)
     checkpoint.check_compatible({"num-rounds": 4, "resume": ""}, {"num-rounds": 4, "resume": "x"}, tmp_path)
+    # A key newer than the checkpoint matches when the resumed run leaves it at its default.
+    checkpoint.check_compatible({"num-rounds": 4}, {"num-rounds": 4, "ema-decay": 0.0}, tmp_path)
+    with pytest.raises(ConfigError, match="ema-decay"):
+        checkpoint.check_compatible({"num-rounds": 4}, {"num-rounds": 4, "ema-decay": 0.5}, tmp_path)
 
 
 def test_cli_resume_of_a_folder_without_checkpoint_fails_cleanly(tmp_path):
