@@ -100,7 +100,8 @@ def model_card(task: Any, cfg: Any, summary: Mapping[str, Any], *, torchscript: 
         "data_schema": data_schema(task, cfg.dataset),
         "training": {"rounds": cfg.num_rounds, "strategy": cfg.strategy, "local_epochs": cfg.local_epochs,
                      "batch_size": cfg.batch_size, "lr": cfg.lr, "optimizer": cfg.optimizer,
-                     "max_grad_norm": cfg.max_grad_norm, "partition": cfg.partition, "seed": cfg.seed},
+                     "max_grad_norm": cfg.max_grad_norm, "partition": cfg.partition, "seed": cfg.seed,
+                     "ema_decay": cfg.ema_decay},
         "sites": per_site,
         "privacy": {"guarantee": guarantee,
                     "not_covered": "the federation's preprocessing statistics (per-site counts, sums and "
@@ -129,6 +130,9 @@ def card_markdown(card: Mapping[str, Any]) -> str:
              f"- {tr['rounds']} federated rounds, strategy **{tr['strategy']}**, {tr['local_epochs']} local "
              f"epoch(s) per round, batch {tr['batch_size']}, lr {tr['lr']}, optimiser {tr['optimizer']}, "
              f"clipping norm {tr['max_grad_norm']}, partition {tr['partition']}, seed {tr['seed']}",
+             *([f"- The weights are the moving average of the rounds' global models (decay "
+                f"{tr['ema_decay']:g}); training continued from each round's aggregate"]
+               if tr.get("ema_decay") else []),
              "", "## Privacy", f"- Guarantee: {card['privacy']['guarantee']}",
              f"- Not covered: {card['privacy']['not_covered']}", "",
              "## Sites", "", "| site | train | test | ε | δ | " +

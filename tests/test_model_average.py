@@ -61,6 +61,10 @@ def test_saved_model_is_the_average_of_the_rounds_while_training_follows_the_agg
     plain, avg = _rounds(plain_run), _rounds(averaged_run)
     assert plain[0] == avg[0]  # round 1: the average is the aggregate
     assert plain[2]["loss"] != avg[2]["loss"]  # round 3: the sites evaluated the average
+    card = json.loads((averaged_run / "model_card.json").read_text())
+    assert card["training"]["ema_decay"] == 0.25
+    assert "moving average" in (averaged_run / "model_card.md").read_text()
+    assert "moving average" not in (plain_run / "model_card.md").read_text()
 
 
 def test_average_costs_no_epsilon(tmp_path):
