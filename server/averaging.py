@@ -25,10 +25,5 @@ def updated(average: Mapping[str, np.ndarray] | None, latest: Mapping[str, np.nd
     averaged: the latest value is taken."""
     if average is None:
         return {k: np.array(v, copy=True) for k, v in latest.items()}
-    out = {}
-    for k, v in latest.items():
-        if v.dtype.kind == "f" and k in average and average[k].shape == v.shape:
-            out[k] = (decay * average[k] + (1.0 - decay) * v).astype(v.dtype, copy=False)
-        else:
-            out[k] = np.array(v, copy=True)
-    return out
+    return {k: (decay * average[k] + (1.0 - decay) * v).astype(v.dtype, copy=False) if v.dtype.kind == "f"
+            else np.array(v, copy=True) for k, v in latest.items()}

@@ -156,8 +156,7 @@ def load(path: Path) -> Checkpoint:
         elif kind == "prep":
             ckpt.prep[rest] = value
         elif kind == "average":
-            if ckpt.average is None:
-                ckpt.average = {}
+            ckpt.average = ckpt.average or {}
             ckpt.average[rest] = value
         elif kind == "strategy":
             attr, _, name = rest.partition("/")

@@ -124,13 +124,14 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
         # (round, validation metric, test metric) of the best model so far. A resumed run
         # takes it from the checkpoint, exact (rounds.csv holds 6 significant digits).
         best = saved.best if saved is not None else None
+        # The model the sites evaluate and the run saves (``served``): the plain aggregate,
+        # or with ema-decay its moving average over rounds (training continues from the aggregate).
+        average = saved.average if saved is not None else None
+        served = average if average is not None else global_arrays
         if best is not None and best[0] == saved.round:
             # The best model is saved after its round's checkpoint; a kill in between
             # left the file a round behind, and the checkpoint holds that round's model.
-            folder.save_arrays(BEST_MODEL, saved.average if saved.average is not None else global_arrays)
-        # The model the sites evaluate and the run saves: the plain aggregate, or with
-        # ema-decay its moving average over rounds (training continues from the aggregate).
-        average = saved.average if saved is not None else None
+            folder.save_arrays(BEST_MODEL, served)
         for rnd in range(first, cfg.num_rounds + 1):
             global_arrays = _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg,
                                          folder, observer)
@@ -154,7 +155,7 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
             }
         summary.update(central_dp.report(strategy, cfg))
         folder.write_summary(summary)
-        folder.save_model(average if average is not None else global_arrays, prep)
+        folder.save_model(served, prep)
         results.plot_progress(folder.path, task.main_metric)
         export.write_all(folder.path, task, cfg, summary)
         report.write_report(folder.path)
