@@ -161,10 +161,12 @@ def stats(job: _Job) -> RecordDict:
     """Sufficient statistics of the site's training records (sums, never rows).
 
     A sum over one record is that record: a site holding fewer than its ``min-records``
-    (node config, default 5) refuses, as statistical offices suppress small cells.
+    (node config, default 5) refuses, as statistical offices suppress small cells. The
+    sums include the records a validation hold-out takes (``Site.summed``), so their
+    subset does not move with the coordinator's ``val-fraction``.
     """
-    _require_records(len(job.site.train), job.site_cfg.min_records, "training")
-    local = job.task.local_stats(job.site.train, job.cfg)
+    _require_records(len(job.site.summed), job.site_cfg.min_records, "training")
+    local = job.task.local_stats(job.site.summed, job.cfg)
     return RecordDict({
         "stats": to_record(local),
         "metrics": MetricRecord({"num-examples": len(job.site.train), "num-test": len(job.site.test)}),

@@ -7,6 +7,7 @@ through the task's declared schema) or, in simulation, ``partition-id`` /
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from functools import lru_cache
@@ -58,7 +59,7 @@ def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
     if cfg.val_fraction > 0:
         site = with_validation(task, site, cfg.val_fraction, split_seed)
     if site_cfg.site:
-        site = Site(name=site_cfg.site, train=site.train, test=site.test, val=site.val)
+        site = dataclasses.replace(site, name=site_cfg.site)
     return site
 
 
@@ -76,7 +77,7 @@ def with_validation(task: Task, site: Site, fraction: float, seed: int) -> Site:
     if key not in _VALIDATION:
         train_idx, val_idx = task.split(site.train, fraction, seed + 104_729)
         split = Site(name=site.name, train=task.take(site.train, train_idx), test=site.test,
-                     val=task.take(site.train, val_idx))
+                     val=task.take(site.train, val_idx), pool=site.train)
         _VALIDATION[key] = (site, split)  # holds ``site`` so its id is never reused
     return _VALIDATION[key][1]
 

@@ -217,3 +217,18 @@ def test_a_hospital_split_seed_fixes_its_training_records_whatever_the_run_seed(
     assert all(np.array_equal(pinned[0][k], pinned[1][k]) for k in pinned[0])
     free = [sums(seed, {}) for seed in (1, 2)]
     assert not all(np.array_equal(free[0][k], free[1][k]) for k in free[0])
+
+
+def test_the_sums_cover_the_same_records_whatever_the_validation_share(heart_csvs):
+    """A validation hold-out takes records from training but not from the sums: a
+    coordinator varying val-fraction gets identical sums, nothing to difference."""
+    def reply(val_fraction: float) -> Message:
+        ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0, "split-seed": 7},
+                       small_config(val_fraction=val_fraction))
+        return _ask(ctx, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})})
+
+    replies = [reply(f) for f in (0.0, 0.1, 0.3)]
+    sums = [to_numpy(r.content["stats"]) for r in replies]
+    assert all(np.array_equal(sums[0][k], other[k]) for other in sums[1:] for k in sums[0])
+    trained = [int(r.content["metrics"]["num-examples"]) for r in replies]
+    assert trained[0] > trained[1] > trained[2]  # the hold-outs did take training records

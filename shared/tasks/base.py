@@ -72,6 +72,16 @@ class Site:
     train: Records
     test: Records
     val: Records | None = None
+    #: The training records before a validation hold-out took ``val`` from them (None:
+    #: ``train``). The preprocessing sums cover these, so a coordinator that varies
+    #: ``val-fraction`` between runs gets the same sums each time, not sums over different
+    #: subsets whose differences single out records.
+    pool: Records | None = None
+
+    @property
+    def summed(self) -> Records:
+        """The records the site's preprocessing sums are computed over."""
+        return self.train if self.pool is None else self.pool
 
 
 @dataclass
