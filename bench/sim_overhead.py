@@ -9,8 +9,11 @@
   and accounting, training, evaluation): the harness' own share.
 * ``ray_over_inprocess``: the same 4-site, 3-round heart job on Flower's Ray simulation
   engine divided by the in-process harness. Target >= 20.
+* ``sim_overhead_pathology``: ``sim_overhead`` of a job whose training is not tiny: the
+  four shipped pathology hospitals, 2 rounds at ε = 8 (what the harness adds to real
+  training, where the heart job's ~0.1 s of fixed work no longer dominates).
 
-    OMP_NUM_THREADS=1 python bench/sim_overhead.py [--rounds R] [--no-ray]
+    OMP_NUM_THREADS=1 python bench/sim_overhead.py [--rounds R] [--no-ray] [--no-pathology]
 
 (the default job: the heart federation with DP, ε = 1, the task's default rounds).
 
@@ -35,8 +38,9 @@ from bench.timers import clock, time_hospitals
 from fedcare.shared.config import RunConfig
 from fedcare.simulation.runner import plan_federation, simulate
 
-def inprocess(rounds: int, tmp: Path, tag: str, epsilon: float = 1.0) -> tuple[float, float]:
-    cfg = RunConfig.from_mapping({"num-rounds": rounds})
+def inprocess(rounds: int, tmp: Path, tag: str, epsilon: float = 1.0,
+              task: str = "diagnosis") -> tuple[float, float]:
+    cfg = RunConfig.from_mapping({"task": task, "num-rounds": rounds})
     fed = plan_federation(cfg, epsilon=epsilon, delta=1e-5)
     clock.clear()
     t = time.perf_counter()
@@ -48,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds)
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--no-pathology", action="store_true")
     args = parser.parse_args()
     time_hospitals(loops="compute")
     with tempfile.TemporaryDirectory() as d:
@@ -64,6 +69,11 @@ def main() -> None:
         wall, compute = inprocess(args.rounds, tmp, "nodp", epsilon=math.inf)
         print(f"sim_overhead_nodp={wall / compute:.3f}")
         print(f"sim_overhead_nodp_vs_clientapp={wall / clock['client']:.3f}", flush=True)
+        if not args.no_pathology:
+            wall, compute = inprocess(2, tmp, "pathology", epsilon=8.0, task="pathology")
+            print(f"pathology_wall_s={wall:.1f}")
+            print(f"sim_overhead_pathology={wall / compute:.3f}")
+            print(f"sim_overhead_pathology_vs_clientapp={wall / clock['client']:.3f}", flush=True)
         if args.no_ray:
             return
         small, _ = inprocess(3, tmp, "small")
