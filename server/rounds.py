@@ -274,7 +274,7 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
     # A SuperLink lists only nodes whose heartbeat is current. Flower's sampler would wait
     # for min-sites of them without limit; this waits one round-timeout, then fails the run.
     online = set(_wait_for_nodes(grid, cfg))
-    msgs = list(strategy.configure_train(rnd, to_record(global_arrays), ConfigRecord(), grid))
+    msgs = _to_sites(strategy.configure_train(rnd, to_record(global_arrays), ConfigRecord(), grid), sites)
     sent = {m.metadata.dst_node_id for m in msgs}
     for m in msgs:
         m.content["preprocess"] = prep_record
@@ -306,8 +306,7 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
 
     if cfg.secure_aggregation:
         # Masked updates: validated for form only, summed and unmasked in secagg_round.
-        known = [m for m in msgs if m.metadata.dst_node_id in sites]
-        new = secagg_round.run(grid, known, rnd, global_arrays, cfg, reject, accept,
+        new = secagg_round.run(grid, msgs, rnd, global_arrays, cfg, reject, accept,
                                central=strategy if isinstance(strategy, central_dp.CentralDP) else None,
                                declared=declared)
     else:
@@ -317,8 +316,7 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
             node = msg.metadata.src_node_id
             if node not in sent:
                 continue  # made by the SuperLink (node unavailable, reply expired): counted as missed below
-            verdict = validation.check_train_reply(msg, global_arrays, bound) if node in sites else \
-                validation.Verdict(False, "site skipped the preprocessing round")
+            verdict = validation.check_train_reply(msg, global_arrays, bound)
             decoded = verdict.arrays
             if verdict.ok:
                 verdict = validation.check_declared_count(msg, declared.get(node, 0))
@@ -341,6 +339,16 @@ def _train_round(grid, strategy, rnd, global_arrays, prep_record, sites, cfg, fo
     return aggregator.result()
 
 
+def _to_sites(msgs, sites: dict[int, "SiteStatus"]) -> list[Message]:
+    """The strategy's messages to the sites that joined the preprocessing round only.
+
+    A node that refused it (too few records, invalid data) or connected later has no part
+    in the run: a train message would make it spend ε on an update the coordinator must
+    discard, and an evaluation would be computed for nothing.
+    """
+    return [m for m in msgs if m.metadata.dst_node_id in sites]
+
+
 def _in_node_order(replies):
     """Replies sorted by node id (deterministic float sums) unless the grid streams them.
 
@@ -354,7 +362,7 @@ def _in_node_order(replies):
 
 
 def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task, cfg, folder, observer):
-    msgs = list(strategy.configure_evaluate(rnd, to_record(global_arrays), ConfigRecord(), grid))
+    msgs = _to_sites(strategy.configure_evaluate(rnd, to_record(global_arrays), ConfigRecord(), grid), sites)
     for m in msgs:
         m.content["preprocess"] = prep_record
     replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))

@@ -148,3 +148,20 @@ def _budget_app():
         pass
 
     return app
+
+
+def test_a_site_that_refused_the_preprocessing_round_spends_nothing(tmp_path: Path, heart_csvs) -> None:
+    """A hospital too small to share sums takes no part in the run: it is sent no model to
+    train on, so its ledger records no spending for an update that would be discarded."""
+    lines = heart_csvs[0].read_text().splitlines()
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("\n".join(lines[:5]) + "\n")  # four patients, under min-records
+    ledger = tmp_path / "ledger"
+    cfg = RunConfig.from_mapping({**RunConfig().to_mapping(), "num-rounds": 2})
+    data = [*heart_csvs[1:], tiny]
+    run = simulate(cfg, plan_federation(cfg, epsilon=1.0, delta=1e-5, data=data, ledger=str(ledger)),
+                   out=tmp_path / "run")
+    spent = {Path(c.label).name: len(c.entries) for c in L.Ledger(ledger).chains()}
+    assert spent == {p.name: 2 for p in heart_csvs[1:]}  # one entry per round, none for tiny.csv
+    with (run / "metrics.csv").open() as fh:
+        assert {r["site"] for r in csv.DictReader(fh)} == {p.stem for p in heart_csvs[1:]}
