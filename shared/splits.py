@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .config import SiteConfig
 from .tasks.base import Records, Site, Task
 
 
@@ -59,8 +60,10 @@ def split_site(task: Task, name: str, records: Records, test_fraction: float, se
     return Site(name=name, train=task.take(records, train_idx), test=task.take(records, test_idx))
 
 
-def partition_indices(labels: np.ndarray, num_sites: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
-    """Deal record indices to ``num_sites`` sites, IID or Dirichlet(alpha) per label."""
+def partition_indices(labels: np.ndarray, num_sites: int, scheme: str, alpha: float, seed: int,
+                      min_size: int = 2) -> list[np.ndarray]:
+    """Deal record indices to ``num_sites`` sites, IID or Dirichlet(alpha) per label;
+    a Dirichlet deal is redrawn (up to 100 times) until every site holds ``min_size``."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -69,7 +72,8 @@ def partition_indices(labels: np.ndarray, num_sites: int, scheme: str, alpha: fl
         return [np.sort(p) for p in np.array_split(perm, num_sites)]
     if scheme != "dirichlet":
         raise ValueError(f"unknown partition scheme {scheme!r}")
-    # Resample until every site holds at least a couple of records (standard practice).
+    # Resample until every site can take part (standard practice, as Flower Datasets'
+    # min_partition_size).
     for _ in range(100):
         parts: list[list[int]] = [[] for _ in range(num_sites)]
         for value in np.unique(labels):
@@ -79,27 +83,35 @@ def partition_indices(labels: np.ndarray, num_sites: int, scheme: str, alpha: fl
             cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
             for site, chunk in enumerate(np.split(idx, cuts)):
                 parts[site].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= 2:
+        if min(len(p) for p in parts) >= min_size:
             break
     return [np.sort(np.asarray(p, dtype=int)) for p in parts]
 
 
 def partition_sites(task: Task, sites: Sequence[Site], scheme: str, num_sites: int,
                     alpha: float, seed: int) -> list[Site]:
-    """Natural sites as they are, or pooled and re-dealt into ``num_sites`` sites."""
+    """Natural sites as they are, or pooled and re-dealt into ``num_sites`` sites.
+
+    A Dirichlet deal gives every site, where the pool allows, the node default
+    ``min-records`` training and test records, below which a hospital shares no sums and
+    no metrics and so could take no part.
+    """
     if scheme == "natural":
         return list(sites)
     train = task.concat([s.train for s in sites])
     test = task.concat([s.test for s in sites])
-    tr = partition_indices(train.labels, num_sites, scheme, alpha, seed)
+    tr = partition_indices(train.labels, num_sites, scheme, alpha, seed,
+                           min_size=min(SiteConfig.min_records, len(train.labels) // num_sites))
     # Test records follow the same label mix, drawn with a different stream.
     te = partition_indices(test.labels, num_sites, scheme, alpha, seed + 7919) if scheme == "iid" \
-        else _follow_label_mix(test.labels, [train.labels[i] for i in tr], seed)
+        else _follow_label_mix(test.labels, [train.labels[i] for i in tr], seed,
+                               min_size=max(1, min(SiteConfig.min_records, len(test.labels) // num_sites)))
     return [Site(name=f"site{i:0{len(str(num_sites - 1))}d}", train=task.take(train, a), test=task.take(test, b))
             for i, (a, b) in enumerate(zip(tr, te))]
 
 
-def _follow_label_mix(test_labels: np.ndarray, train_label_sets: list[np.ndarray], seed: int) -> list[np.ndarray]:
+def _follow_label_mix(test_labels: np.ndarray, train_label_sets: list[np.ndarray], seed: int,
+                      min_size: int = 1) -> list[np.ndarray]:
     """Deal test records so each site's test label mix matches its train label mix."""
     rng = np.random.default_rng(seed + 104729)
     out: list[list[int]] = [[] for _ in train_label_sets]
@@ -112,10 +124,11 @@ def _follow_label_mix(test_labels: np.ndarray, train_label_sets: list[np.ndarray
         cuts = (np.cumsum(weights / weights.sum()) * len(idx)).astype(int)[:-1]
         for site, chunk in enumerate(np.split(idx, cuts)):
             out[site].extend(chunk.tolist())
-    # Every site evaluates: one with no test record borrows one from the largest.
+    # Every site evaluates: one with fewer than min_size test records borrows from the largest.
     for site in range(len(out)):
-        if not out[site]:
+        while len(out[site]) < min_size:
             donor = max(range(len(out)), key=lambda i: len(out[i]))
-            if len(out[donor]) > 1:
-                out[site].append(out[donor].pop())
+            if len(out[donor]) <= min_size:
+                break
+            out[site].append(out[donor].pop())
     return [np.sort(np.asarray(o, dtype=int)) for o in out]

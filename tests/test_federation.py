@@ -183,3 +183,13 @@ def test_validation_split_is_held_out_of_training_and_selects_the_best_round(tmp
     assert set(saved) == set(final)
     if summary["validation"]["best_round"] == 3:
         assert all(torch.equal(saved[k], v) for k, v in final.items())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_dirichlet_deal_gives_every_site_enough_records_to_take_part(seed):
+    """Below min-records a hospital shares no sums and no metrics: the skewed deal is
+    redrawn until every site holds that many training and test records."""
+    sites = builtin_partition("diagnosis", "breast-cancer", "dirichlet", 6, 0.3, seed)
+    least = SiteConfig().min_records
+    assert all(len(s.train) >= least and len(s.test) >= least for s in sites)
+    assert max(len(s.train) for s in sites) > 5 * min(len(s.train) for s in sites)  # still skewed
