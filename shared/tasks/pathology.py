@@ -275,7 +275,7 @@ class Pathology(Task):
                             torch.from_numpy(records.labels.astype(np.int64)),
                             torch.as_tensor(prep["pixel_mean"]), torch.as_tensor(prep["pixel_std"]),
                             size - CROP_MARGIN, train=train, seed=cfg.seed,
-                            views=max(cfg.aug_mult, 1) if train else max(cfg.test_views, 1))
+                            views=cfg.aug_mult if train else cfg.test_views)
 
     # ---- model ------------------------------------------------------------------
     def build_model(self, cfg: Any) -> nn.Module:
@@ -326,7 +326,7 @@ class Pathology(Task):
         data = PatchDataset(self.prepare_images(_patches.stack(images), prep, cfg),
                             torch.zeros(len(images), dtype=torch.long),
                             torch.as_tensor(prep["pixel_mean"]), torch.as_tensor(prep["pixel_std"]),
-                            schema.size - CROP_MARGIN, train=False, views=max(cfg.test_views, 1))
+                            schema.size - CROP_MARGIN, train=False, views=cfg.test_views)
         model.eval()
         home = next(model.parameters()).device
         probs = []
