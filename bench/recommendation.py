@@ -93,11 +93,14 @@ def main() -> None:
     parser.add_argument("--skip-cohort", action="store_true")
     parser.add_argument("--task-defaults", action="store_true",
                         help="ACTG with the task's default batch size and lr instead of ACTG_SETTINGS")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="further ACTG run-config overrides (e.g. ema-decay=0.5), repeatable")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     if not args.skip_actg:
-        settings = {} if args.task_defaults else ACTG_SETTINGS
+        settings = {**({} if args.task_defaults else ACTG_SETTINGS),
+                    **dict(kv.split("=", 1) for kv in args.set)}
         print(f"actg_settings={json.dumps(settings, sort_keys=True)}")
         runs = [federated("actg175", 3.0, args.rounds, seed, settings)
                 for seed in range(args.seed, args.seed + args.seeds)]

@@ -231,6 +231,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
     if summary.get("missing_sites"):
         console.print(f"[yellow]missing at the end:[/] {', '.join(summary['missing_sites'])}")
+    for name, reason in summary.get("refused_sites", {}).items():
+        console.print(f"[yellow]took no part (refused the preprocessing round):[/] {name}: {reason}")
 
 
 def _read_registry(folder: Path) -> dict[str, Any]:

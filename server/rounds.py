@@ -102,7 +102,7 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
     try:
         folder.write_config(cfg.to_mapping())
         nodes = _wait_for_nodes(grid, cfg)
-        sites, prep = _preprocessing_round(grid, nodes, task, cfg)
+        sites, refused, prep = _preprocessing_round(grid, nodes, task, cfg)
         first = 1
         if saved is not None:
             first = saved.round + 1
@@ -146,7 +146,7 @@ def run_federation(grid: Grid, raw_cfg: RunConfig, out: Path | None = None) -> P
             _save_checkpoint(folder, rnd, cfg, global_arrays, prep, strategy, sites, grid, metric, best, average)
             if improved:
                 folder.save_arrays(BEST_MODEL, served)
-        summary = _summary(task, cfg, sites)
+        summary = _summary(task, cfg, sites, refused)
         if best is not None:
             summary["validation"] = {
                 "val_fraction": cfg.val_fraction, "best_round": best[0], f"best_val_{task.main_metric}": best[1],
@@ -219,11 +219,17 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> list[int]:
 
 
 def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
-    """Ask every site for sums; the federation's preprocessing is their total."""
+    """Ask every site for sums; the federation's preprocessing is their total.
+
+    Returns the sites that joined, the reasons of those that did not (site name -> the
+    refusal's code text or the check it failed; no record ever leaves a site in it), and
+    the preprocessing.
+    """
     msgs = [Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=n,
                     message_type=MessageType.QUERY) for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
     sites: dict[int, SiteStatus] = {}
+    refused: dict[str, str] = {}
     totals: dict[str, np.ndarray] | None = None
     observer = events.current.get()
     for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
@@ -232,6 +238,7 @@ def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
         verdict = _check_stats(msg, totals)
         if not verdict.ok:
             observer.rejected(0, name, verdict.reason)
+            refused[name if name not in refused else f"{name}-{node}"] = verdict.reason
             continue
         stats = to_numpy(msg.content.array_records["stats"])
         metrics = msg.content.metric_records["metrics"]
@@ -243,7 +250,7 @@ def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
         raise FederationError(f"only {len(sites)} of {len(nodes)} site(s) answered the preprocessing round "
                               f"(min-sites {cfg.min_sites}); the others' refusals are listed above and, in "
                               "detail, in each site's own log")
-    return sites, task.finalize_stats(totals or {}, cfg)
+    return sites, refused, task.finalize_stats(totals or {}, cfg)
 
 
 def _check_stats(msg: Message, totals: dict[str, np.ndarray] | None) -> validation.Verdict:
@@ -407,7 +414,7 @@ def _evaluate_round(grid, strategy, rnd, global_arrays, prep_record, sites, task
     return glob.get(task.main_metric), glob.get(f"val_{task.main_metric}")
 
 
-def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, Any]:
+def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus], refused: dict[str, str]) -> dict[str, Any]:
     per_site: dict[str, Any] = {}
     for node, s in sorted(sites.items(), key=lambda kv: kv[1].name):
         entry = {k: s.last_eval.get(k) for k in s.last_eval if k != "loss"}
@@ -433,6 +440,7 @@ def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus]) -> dict[str, An
             summary[f"mean_site_{metric}"] = float(np.mean(vals))
     summary.update(task.summarize(per_site))
     summary["missing_sites"] = sorted(s.name for s in sites.values() if s.missed and s.missed[-1] == cfg.num_rounds)
+    summary["refused_sites"] = dict(sorted(refused.items()))
     max_eps = _max_epsilon(sites)
     summary["max_epsilon"] = max_eps if math.isfinite(max_eps) else None
     return summary

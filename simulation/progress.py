@@ -76,6 +76,10 @@ def summary_table(folder: Path) -> Table:
                       *[_fmt(site.get(m)) for m in metrics],
                       "∞ (no DP)" if eps is None else f"{eps:.3f}")
     table.add_row("[bold]mean", "", *[f"[bold]{_fmt(summary.get(f'mean_site_{m}'))}" for m in metrics], "")
+    refused = summary.get("refused_sites", {})
+    if refused:
+        table.caption = "took no part (refused the preprocessing round): " + "; ".join(
+            f"{name}: {reason}" for name, reason in refused.items())
     return table
 
 

@@ -165,3 +165,10 @@ def test_a_site_that_refused_the_preprocessing_round_spends_nothing(tmp_path: Pa
     assert spent == {p.name: 2 for p in heart_csvs[1:]}  # one entry per round, none for tiny.csv
     with (run / "metrics.csv").open() as fh:
         assert {r["site"] for r in csv.DictReader(fh)} == {p.stem for p in heart_csvs[1:]}
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["sites"]) == {p.stem for p in heart_csvs[1:]}
+    # An error reply carries no name (the coordinator knows the node id) and only the
+    # wire code's fixed reason; the count and min-records stay in the site's log.
+    (who, why), = summary["refused_sites"].items()
+    assert who.startswith("node-") and f"code {errors.DATA_INVALID}" in why
+    assert "min-records" not in why
