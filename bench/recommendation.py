@@ -12,7 +12,7 @@
    on the pooled records for the same number of passes (target: within 0.02).
 
     python bench/recommendation.py [--rounds 20] [--cohort-rounds 20] [--seed 0] [--seeds 3]
-                                   [--task-defaults]
+                                   [--task-defaults] [--set KEY=VALUE ...]
 
 prints ``actg_auc_dp3=``, ``policy_value=``, ``best_single_arm_value=`` (means over the
 seeds, with per-seed values and the first seed's bootstrap intervals), ``ndcg3_fed=``,
