@@ -440,7 +440,7 @@ def _summary(task, cfg: RunConfig, sites: dict[int, SiteStatus], refused: dict[s
             summary[f"mean_site_{metric}"] = float(np.mean(vals))
     summary.update(task.summarize(per_site))
     summary["missing_sites"] = sorted(s.name for s in sites.values() if s.missed and s.missed[-1] == cfg.num_rounds)
-    summary["refused_sites"] = dict(sorted(refused.items()))
+    summary["refused_sites"] = refused  # in node order
     max_eps = _max_epsilon(sites)
     summary["max_epsilon"] = max_eps if math.isfinite(max_eps) else None
     return summary

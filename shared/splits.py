@@ -8,12 +8,15 @@ share per site.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 
 from .config import SiteConfig
 from .tasks.base import Records, Site, Task
+
+log = logging.getLogger("fedcare.partition")
 
 
 def split_indices(records: Records, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +88,11 @@ def partition_indices(labels: np.ndarray, num_sites: int, scheme: str, alpha: fl
                 parts[site].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             break
+    else:
+        short = [i for i, p in enumerate(parts) if len(p) < min_size]
+        log.warning("Dirichlet(%g) deal over %d sites: after 100 draws site(s) %s hold fewer than %d "
+                    "records and will take no part (raise alpha or lower the number of sites)",
+                    alpha, num_sites, ", ".join(map(str, short)), min_size)
     return [np.sort(np.asarray(p, dtype=int)) for p in parts]
 
 

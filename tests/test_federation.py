@@ -14,6 +14,7 @@ from fedcare.client.site import builtin_partition, load_site, with_validation
 from fedcare.shared import tabular
 from fedcare.shared.config import SiteConfig
 from fedcare.shared.registry import get_task
+from fedcare.shared.splits import partition_indices
 from fedcare.shared.tasks.diagnosis import HEART
 from fedcare.simulation.runner import plan_federation, simulate
 
@@ -193,3 +194,16 @@ def test_a_dirichlet_deal_gives_every_site_enough_records_to_take_part(seed):
     least = SiteConfig().min_records
     assert all(len(s.train) >= least and len(s.test) >= least for s in sites)
     assert max(len(s.train) for s in sites) > 5 * min(len(s.train) for s in sites)  # still skewed
+
+
+def test_a_dirichlet_deal_that_cannot_seat_every_site_says_which(caplog):
+    """Too skewed for the pool: the deal keeps its last draw, and says which sites are short."""
+    labels = np.repeat([0, 1], [300, 269])
+    with caplog.at_level("WARNING", logger="fedcare.partition"):
+        parts = partition_indices(labels, 10, "dirichlet", 0.1, 0, min_size=5)
+    short = [i for i, p in enumerate(parts) if len(p) < 5]
+    assert short and f"site(s) {', '.join(map(str, short))} hold fewer than 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedcare.partition"):
+        partition_indices(labels, 4, "dirichlet", 1.0, 0, min_size=5)
+    assert caplog.text == ""
