@@ -46,6 +46,9 @@ def join(
                                     "hospital shares sums or metrics over."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of this hospital's own train/test split: "
                                    "the same records train in every run, whatever seed a coordinator sets."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="This hospital's own validation "
+                                                 "share, used whenever a run asks for validation, whatever "
+                                                 "share the coordinator sets (default: the run's)."),
     port: int = typer.Option(supernode.DEFAULT_RUNTIME_PORT, help="Local port of the SuperNode's runtime API "
                              "(distinct per SuperNode on one machine)."),
     trusted_entities: Optional[Path] = typer.Option(None, help="YAML of trusted app publishers' Ed25519 keys: "
@@ -72,7 +75,7 @@ def join(
     cfg = SiteConfig.from_mapping({"data": str(data.expanduser().resolve()), "site": site or data.stem,
                                    "epsilon": eps, "delta": delta, "ledger": ledger, "strict": strict,
                                    "max-noise": max_noise, "min-records": min_records,
-                                   "split-seed": split_seed})
+                                   "split-seed": split_seed, "val-fraction": val_fraction})
     supernode.check_ca(ca)
     supernode.check_private_key(key)
     if trusted_entities is not None:

@@ -28,7 +28,8 @@ log = logging.getLogger("fedcare.client")
 
 def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
     """The hospital's train/test records for this run (split by the hospital's own
-    ``split-seed`` when it set one, else by the run's seed)."""
+    ``split-seed`` when it set one, else by the run's seed), with a validation hold-out
+    when the run asks for one (the hospital's own ``val-fraction`` share when it set one)."""
     split_seed = cfg.seed
     if site_cfg.data:
         path = Path(site_cfg.data).expanduser()
@@ -57,7 +58,8 @@ def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
     else:
         raise ConfigError("node config names no data: set data=PATH (or partition-id in simulation)")
     if cfg.val_fraction > 0:
-        site = with_validation(task, site, cfg.val_fraction, split_seed)
+        share = site_cfg.val_fraction if site_cfg.val_fraction is not None else cfg.val_fraction
+        site = with_validation(task, site, share, split_seed)
     if site_cfg.site:
         site = dataclasses.replace(site, name=site_cfg.site)
     return site

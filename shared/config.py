@@ -238,6 +238,10 @@ class SiteConfig:
     #: unset, the run's seed decides, and a coordinator choosing seeds would choose which
     #: of the hospital's records its exact preprocessing sums cover in each run.
     split_seed: int | None = None
+    #: The hospital's own validation share of its training records: set, it replaces the
+    #: run's ``val-fraction`` whenever a run asks for validation, so a coordinator varying
+    #: the share cannot vary which records the validation metrics cover.
+    val_fraction: float | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "SiteConfig":
@@ -260,6 +264,8 @@ class SiteConfig:
             raise ConfigError("node-config 'min-records': must be >= 2")
         if not (cfg.max_noise > 0):
             raise ConfigError("node-config 'max-noise': must be > 0")
+        if cfg.val_fraction is not None and not (0 < cfg.val_fraction <= 0.5):
+            raise ConfigError("node-config 'val-fraction': must be in (0, 0.5] (unset: the run's share)")
         return cfg
 
     def to_mapping(self) -> dict[str, Any]:
@@ -275,6 +281,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     try:
         if t.startswith("int | None"):
             return None if value is None else _as_int(value)
+        if t.startswith("float | None"):
+            return None if value is None else _coerce(key, value, "float")
         if t == "int":
             return _as_int(value)
         if t == "float":

@@ -19,7 +19,7 @@ from fedcare.client.app import PRIVACY_STATE, app as client_app
 from fedcare.client.privacy import ALPHAS
 from fedcare.shared import errors
 from fedcare.shared.arrays import to_numpy, to_record
-from fedcare.shared.config import RunConfig
+from fedcare.shared.config import RunConfig, SiteConfig
 from fedcare.shared.registry import get_task
 
 from .conftest import small_config
@@ -232,3 +232,27 @@ def test_the_sums_cover_the_same_records_whatever_the_validation_share(heart_csv
     assert all(np.array_equal(sums[0][k], other[k]) for other in sums[1:] for k in sums[0])
     trained = [int(r.content["metrics"]["num-examples"]) for r in replies]
     assert trained[0] > trained[1] > trained[2]  # the hold-outs did take training records
+
+
+def test_a_hospital_val_fraction_fixes_its_validation_records_whatever_the_run_share(heart_csvs):
+    """With its own val-fraction a hospital evaluates the same validation records (and
+    trains on the same others) whatever share the coordinator asks for."""
+    def evaluate(val_fraction: float, node: dict) -> dict[str, float]:
+        run = small_config(val_fraction=val_fraction)
+        ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0, "split-seed": 7, **node}, run)
+        reply = _ask(ctx, MessageType.EVALUATE, {"arrays": _global_model(run), "preprocess": _prep(ctx, run),
+                                                 "config": ConfigRecord({"server-round": 1})})
+        return dict(reply.content["metrics"])
+
+    pinned = [evaluate(share, {"val-fraction": 0.25}) for share in (0.1, 0.3)]
+    assert pinned[0]["num-val"] == pinned[1]["num-val"] > 0
+    assert pinned[0]["val_accuracy"] == pinned[1]["val_accuracy"]
+    free = [evaluate(share, {}) for share in (0.1, 0.3)]
+    assert free[0]["num-val"] < free[1]["num-val"]
+    assert "num-val" not in evaluate(0.0, {"val-fraction": 0.25})  # the run asked for no validation
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.6, -0.1, "a lot"])
+def test_a_hospital_val_fraction_out_of_range_is_refused(bad):
+    with pytest.raises(errors.ConfigError, match="val-fraction"):
+        SiteConfig.from_mapping({"val-fraction": bad})

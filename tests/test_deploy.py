@@ -151,7 +151,7 @@ def test_compose_files_use_flower_images_and_valid_flags(tmp_path):
                                                      "epsilon": 3.0, "delta": 1e-5}
     # A hospital's own limits travel with it, and read back as the same SiteConfig.
     strict = SiteConfig.from_mapping({"data": "/d/a.csv", "epsilon": 3.0, "delta": 1e-5, "max-noise": 8.0,
-                                      "min-records": 20, "split-seed": 3})
+                                      "min-records": 20, "split-seed": 3, "val-fraction": 0.25})
     node = _parse_args_run_supernode().parse_args(supernode_command(
         superlink="fl.example.org:8000", ca=layout.ca_cert, key=layout.hospital_key("site"), site=strict)[1:])
     assert SiteConfig.from_mapping(parse_config_args([node.node_config])) == strict
