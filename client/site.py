@@ -27,15 +27,17 @@ log = logging.getLogger("fedcare.client")
 
 
 def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
-    """The hospital's train/test records for this run (split by the hospital's own
-    ``split-seed`` when it set one, else by the run's seed), with a validation hold-out
-    when the run asks for one (the hospital's own ``val-fraction`` share when it set one)."""
+    """The hospital's train/test records for this run, with a validation hold-out when the
+    run asks for one (the hospital's own ``val-fraction`` share when it set one).
+
+    A data file is split by the hospital's own ``split-seed``; a builtin virtual hospital
+    (simulation only) by the run's seed, as its partition is.
+    """
     split_seed = cfg.seed
     if site_cfg.data:
         path = Path(site_cfg.data).expanduser()
         stamp = file_stamp(path)
-        if site_cfg.split_seed is not None:
-            split_seed = site_cfg.split_seed
+        split_seed = site_cfg.split_seed
         site = _file_site(task.name, cfg.dataset, str(path), stamp, site_cfg.strict, split_seed)
     elif site_cfg.partition_id is not None:
         sites = builtin_partition(task.name, cfg.dataset, cfg.partition, cfg.num_sites,

@@ -234,10 +234,11 @@ class SiteConfig:
     #: Fewest training records with which the site shares aggregate statistics or
     #: updates (a sum over one record is that record).
     min_records: int = 5
-    #: Seed of the hospital's own train/test (and validation) split of its data file;
-    #: unset, the run's seed decides, and a coordinator choosing seeds would choose which
-    #: of the hospital's records its exact preprocessing sums cover in each run.
-    split_seed: int | None = None
+    #: Seed of the hospital's own train/test (and validation) split of its data file.
+    #: Never the run's seed: a coordinator choosing seeds would choose which of the
+    #: hospital's records its exact preprocessing sums cover in each run. (The simulator
+    #: sets it to the run's seed, since there the researcher holds every hospital's data.)
+    split_seed: int = 0
     #: The hospital's own validation share of its training records: set, it replaces the
     #: run's ``val-fraction`` whenever a run asks for validation, so a coordinator varying
     #: the share cannot vary which records the validation metrics cover.

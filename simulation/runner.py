@@ -67,7 +67,10 @@ def plan_federation(cfg: RunConfig, *, epsilon: float, delta: float, data: Seque
             name = path.stem if path.stem not in names else f"{path.stem}-{i}"
             names.add(name)
             skipped += [(name, where, why) for where, why in records.skipped]
-            configs[i + 1] = {"data": str(path.resolve()), "site": name, "strict": strict, **budget}
+            # The researcher owns both sides here: the run's seed also deals each file's
+            # train/test split (a real hospital's split-seed stays its own, 0 by default).
+            configs[i + 1] = {"data": str(path.resolve()), "site": name, "strict": strict,
+                              "split-seed": resolved.seed, **budget}
         return Federation(configs, tuple(skipped))
     if resolved.dataset not in task.datasets:
         raise ConfigError(f"task {task.name}: unknown dataset '{resolved.dataset}' ({', '.join(task.datasets)})")
@@ -112,6 +115,16 @@ def simulate(cfg: RunConfig, federation: Federation, *, out: Path | None = None,
     return out
 
 
+def with_split_seeds(node_configs: dict[int, dict], seed: int) -> dict[int, dict]:
+    """Node configs of a checkpoint with each data file's ``split-seed`` spelled out.
+
+    Checkpoints written before ``split-seed`` defaulted to 0 left it out, and their runs
+    split files by the run's seed: resumed on the new default, a hospital would move
+    records between its train and test sides mid-run.
+    """
+    return {node: ({"split-seed": seed, **c} if "data" in c else c) for node, c in node_configs.items()}
+
+
 def resume(run_dir: Path, *, observer: events.Observer | None = None) -> Path:
     """Continue an interrupted in-process run from its last checkpoint.
 
@@ -127,7 +140,7 @@ def resume(run_dir: Path, *, observer: events.Observer | None = None) -> Path:
     if not saved.node_states:
         raise ConfigError(f"{partial}: the checkpoint holds no hospital states (not an in-process run)")
     cfg = RunConfig.from_mapping({**saved.config, "resume": str(partial)})
-    node_configs = node_configs_from_states(saved.node_states)
+    node_configs = with_split_seeds(node_configs_from_states(saved.node_states), cfg.seed)
     grid = InProcessGrid(client_app, node_configs, cfg.to_mapping())
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_mapping())
     with observing(observer), _quiet_flower(), _server_identity(context.run_id):

@@ -173,3 +173,11 @@ def test_cli_resume_of_a_folder_without_checkpoint_fails_cleanly(tmp_path):
     assert result.exit_code != 0
     assert isinstance(result.exception, ConfigError) and "no interrupted run" in str(result.exception)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.partial"]
+
+
+def test_an_older_checkpoint_keeps_splitting_files_by_its_run_seed():
+    from fedcare.simulation.runner import with_split_seeds
+
+    old = {1: {"data": "/h/a.csv", "site": "a"}, 2: {"data": "/h/b.csv", "split-seed": 5}, 3: {"partition-id": 0}}
+    assert with_split_seeds(old, 7) == {1: {"data": "/h/a.csv", "site": "a", "split-seed": 7},
+                                        2: {"data": "/h/b.csv", "split-seed": 5}, 3: {"partition-id": 0}}

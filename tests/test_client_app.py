@@ -206,17 +206,22 @@ def test_a_test_set_too_small_for_aggregates_is_not_evaluated(tmp_path, heart_cs
 
 
 def test_a_hospital_split_seed_fixes_its_training_records_whatever_the_run_seed(heart_csvs):
-    """With its own split-seed a hospital's sums cover the same records in every run, so
-    a coordinator varying the run seed cannot difference them."""
+    """A hospital's split is its own (split-seed, 0 unless it sets another): its sums cover
+    the same records in every run, so a coordinator varying the run seed cannot
+    difference them."""
     def sums(run_seed: int, node: dict) -> dict[str, np.ndarray]:
         ctx = _context({"data": str(heart_csvs[0]), "epsilon": 1.0, **node}, small_config(seed=run_seed))
         reply = _ask(ctx, MessageType.QUERY, {"config": ConfigRecord({"server-round": 0})})
         return to_numpy(reply.content["stats"])
 
+    def same(a, b) -> bool:
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    default = [sums(seed, {}) for seed in (1, 2)]
+    assert same(*default)
     pinned = [sums(seed, {"split-seed": 7}) for seed in (1, 2)]
-    assert all(np.array_equal(pinned[0][k], pinned[1][k]) for k in pinned[0])
-    free = [sums(seed, {}) for seed in (1, 2)]
-    assert not all(np.array_equal(free[0][k], free[1][k]) for k in free[0])
+    assert same(*pinned)
+    assert not same(default[0], pinned[0])  # the seed does deal the split
 
 
 def test_the_sums_cover_the_same_records_whatever_the_validation_share(heart_csvs):

@@ -207,3 +207,16 @@ def test_a_dirichlet_deal_that_cannot_seat_every_site_says_which(caplog):
     with caplog.at_level("WARNING", logger="fedcare.partition"):
         partition_indices(labels, 4, "dirichlet", 1.0, 0, min_size=5)
     assert caplog.text == ""
+
+
+def test_simulated_hospitals_from_files_split_by_the_run_seed(heart_csvs):
+    """In simulation the researcher holds every file: the run's seed deals each file's
+    split, as it deals builtin partitions (a real hospital keeps its own split-seed)."""
+    def train_labels(seed: int) -> np.ndarray:
+        cfg = small_config(seed=seed)
+        fed = plan_federation(cfg, epsilon=1.0, delta=1e-5, data=heart_csvs[:1])
+        site_cfg = SiteConfig.from_mapping(fed.node_configs[1])
+        assert site_cfg.split_seed == seed
+        return load_site(get_task("diagnosis"), cfg.resolved(get_task("diagnosis").defaults), site_cfg).train.labels
+
+    assert not np.array_equal(train_labels(1), train_labels(2))
