@@ -44,8 +44,9 @@ def join(
                                     "a run that would need more to fit the remaining budget is refused."),
     min_records: int = typer.Option(SiteConfig.min_records, "--min-records", help="Fewest records this "
                                     "hospital shares sums or metrics over."),
-    split_seed: int = typer.Option(SiteConfig.split_seed, "--split-seed", help="Seed of this hospital's own train/test split: "
-                                   "the same records train in every run, whatever seed a coordinator sets."),
+    split_seed: int = typer.Option(SiteConfig.split_seed, "--split-seed", help="Seed of this hospital's own "
+                                   "train/test split: the same records train in every run, whatever seed a "
+                                   "coordinator sets."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="This hospital's own validation "
                                                  "share, used whenever a run asks for validation, whatever "
                                                  "share the coordinator sets (default: the run's)."),
