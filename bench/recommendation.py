@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
 from bench.runs import summary
 from fedcare.client import training
-from fedcare.shared.config import RunConfig
+from fedcare.shared.config import RunConfig, parse_overrides
 from fedcare.shared.registry import get_task
 from fedcare.shared.tasks import _policy
 from fedcare.shared.tasks.base import Records
@@ -99,8 +99,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     if not args.skip_actg:
-        settings = {**({} if args.task_defaults else ACTG_SETTINGS),
-                    **dict(kv.split("=", 1) for kv in args.set)}
+        settings = {**({} if args.task_defaults else ACTG_SETTINGS), **parse_overrides(args.set)}
         print(f"actg_settings={json.dumps(settings, sort_keys=True)}")
         runs = [federated("actg175", 3.0, args.rounds, seed, settings)
                 for seed in range(args.seed, args.seed + args.seeds)]

@@ -33,11 +33,10 @@ def load_site(task: Task, cfg: RunConfig, site_cfg: SiteConfig) -> Site:
     A data file is split by the hospital's own ``split-seed``; a builtin virtual hospital
     (simulation only) by the run's seed, as its partition is.
     """
-    split_seed = cfg.seed
+    split_seed = site_cfg.split_seed if site_cfg.data else cfg.seed
     if site_cfg.data:
         path = Path(site_cfg.data).expanduser()
         stamp = file_stamp(path)
-        split_seed = site_cfg.split_seed
         site = _file_site(task.name, cfg.dataset, str(path), stamp, site_cfg.strict, split_seed)
     elif site_cfg.partition_id is not None:
         sites = builtin_partition(task.name, cfg.dataset, cfg.partition, cfg.num_sites,

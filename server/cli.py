@@ -28,7 +28,7 @@ from ..shared.keys import load_public_key
 from . import provision as prov
 from . import superlink
 from .provision import Layout
-from .results import read_csv_rows
+from .results import read_csv_rows, refused_note
 
 app = typer.Typer(help="Coordinator side: provision keys, start the SuperLink, admit hospitals, run rounds.",
                   no_args_is_help=True)
@@ -231,8 +231,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
     if summary.get("missing_sites"):
         console.print(f"[yellow]missing at the end:[/] {', '.join(summary['missing_sites'])}")
-    for name, reason in summary.get("refused_sites", {}).items():
-        console.print(f"[yellow]took no part (refused the preprocessing round):[/] {name}: {reason}")
+    note = refused_note(summary)
+    if note:
+        console.print(note, style="yellow", markup=False)
 
 
 def _read_registry(folder: Path) -> dict[str, Any]:

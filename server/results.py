@@ -147,6 +147,16 @@ class RunFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def refused_note(summary: Mapping[str, Any]) -> str | None:
+    """One line naming the nodes that refused the preprocessing round (``refused_sites``)
+    and why, for the console after a run; None when every node joined."""
+    refused = summary.get("refused_sites") or {}
+    if not refused:
+        return None
+    return "took no part (refused the preprocessing round): " + "; ".join(
+        f"{name}: {reason}" for name, reason in refused.items())
+
+
 def read_csv_rows(path: Path) -> list[dict[str, str]]:
     """A CSV file's rows as dicts of strings; no rows when the file does not exist (yet, or
     any more: a followed run's folder is renamed when it finishes)."""

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -238,12 +239,13 @@ def _preprocessing_round(grid: Grid, nodes: list[int], task, cfg: RunConfig):
         verdict = _check_stats(msg, totals)
         if not verdict.ok:
             observer.rejected(0, name, verdict.reason)
-            refused[name if name not in refused else f"{name}-{node}"] = verdict.reason
+            refused[_unique(name, node, refused)] = verdict.reason
             continue
         stats = to_numpy(msg.content.array_records["stats"])
         metrics = msg.content.metric_records["metrics"]
         declared = int(metrics["num-examples"])
-        sites[node] = SiteStatus(name=_unique(name, node, sites), num_train=declared, declared_train=declared,
+        sites[node] = SiteStatus(name=_unique(name, node, {s.name for s in sites.values()}),
+                                 num_train=declared, declared_train=declared,
                                  num_test=int(metrics.get("num-test", 0)))
         totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
     if len(sites) < cfg.min_sites:
@@ -271,8 +273,7 @@ def _check_stats(msg: Message, totals: dict[str, np.ndarray] | None) -> validati
     return validation.Verdict(True)
 
 
-def _unique(name: str, node: int, sites: dict[int, SiteStatus]) -> str:
-    taken = {s.name for s in sites.values()}
+def _unique(name: str, node: int, taken: Collection[str]) -> str:
     return name if name not in taken else f"{name}-{node}"
 
 

@@ -37,6 +37,9 @@ DEFAULT_SITE_DELTA = 1e-5
 FALLBACK_ROUNDS = 20
 #: Clipping bound for tasks that declare none.
 FALLBACK_CLIP = 1.0
+#: Largest validation share of a hospital's training records, asked (run config) or
+#: pinned (node config): at least as many records keep training.
+MAX_VAL_FRACTION = 0.5
 
 
 def _key(name: str) -> str:
@@ -143,7 +146,7 @@ class RunConfig:
         need(self.max_grad_norm >= 0, "max-grad-norm", "must be > 0 (0 = the task's default)")
         need(self.num_sites >= 1, "num-sites", "must be >= 1")
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
-        need(0 <= self.val_fraction <= 0.5, "val-fraction", "must be in [0, 0.5]")
+        need(0 <= self.val_fraction <= MAX_VAL_FRACTION, "val-fraction", f"must be in [0, {MAX_VAL_FRACTION}]")
         need(self.min_sites >= 1, "min-sites", "must be >= 1")
         need(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
@@ -265,8 +268,9 @@ class SiteConfig:
             raise ConfigError("node-config 'min-records': must be >= 2")
         if not (cfg.max_noise > 0):
             raise ConfigError("node-config 'max-noise': must be > 0")
-        if cfg.val_fraction is not None and not (0 < cfg.val_fraction <= 0.5):
-            raise ConfigError("node-config 'val-fraction': must be in (0, 0.5] (unset: the run's share)")
+        if cfg.val_fraction is not None and not (0 < cfg.val_fraction <= MAX_VAL_FRACTION):
+            raise ConfigError(f"node-config 'val-fraction': must be in (0, {MAX_VAL_FRACTION}] "
+                              "(unset: the run's share)")
         return cfg
 
     def to_mapping(self) -> dict[str, Any]:

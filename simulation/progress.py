@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..server.events import Observer
+from ..server.results import refused_note
 from ..shared.console import err
 
 
@@ -76,10 +77,7 @@ def summary_table(folder: Path) -> Table:
                       *[_fmt(site.get(m)) for m in metrics],
                       "∞ (no DP)" if eps is None else f"{eps:.3f}")
     table.add_row("[bold]mean", "", *[f"[bold]{_fmt(summary.get(f'mean_site_{m}'))}" for m in metrics], "")
-    refused = summary.get("refused_sites", {})
-    if refused:
-        table.caption = "took no part (refused the preprocessing round): " + "; ".join(
-            f"{name}: {reason}" for name, reason in refused.items())
+    table.caption = refused_note(summary)
     return table
 
 
