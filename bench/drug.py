@@ -30,9 +30,9 @@ import time
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import summary
+from bench.runs import add_set_option, set_overrides, summary
 from fedcare.client import training
-from fedcare.shared.config import RunConfig, parse_overrides
+from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
 
 TASK = get_task("drug")
@@ -74,9 +74,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--models", default=TASK.defaults["model"], help="comma-separated model kinds")
     parser.add_argument("--skip-auc", action="store_true", help="only the step-time ratios")
-    parser.add_argument("--set", action="append", default=[], help="run-config KEY=VALUE")
+    add_set_option(parser)
     args = parser.parse_args()
-    overrides: dict = {"num-rounds": args.rounds, **parse_overrides(args.set)}
+    overrides: dict = {"num-rounds": args.rounds, **set_overrides(args)}
     torch.set_num_threads(1)
     default = TASK.defaults["model"]
     for model in args.models.split(","):

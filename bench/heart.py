@@ -18,8 +18,8 @@ import math
 import statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import summary
-from fedcare.shared.config import RunConfig, parse_overrides
+from bench.runs import add_set_option, set_overrides, summary
+from fedcare.shared.config import RunConfig
 
 
 def mean_site_accuracy(epsilon: float, seed: int, rounds: int, overrides: dict) -> float:
@@ -32,9 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds)
-    parser.add_argument("--set", action="append", default=[], help="run-config KEY=VALUE")
+    add_set_option(parser)
     args = parser.parse_args()
-    overrides = parse_overrides(args.set)
+    overrides = set_overrides(args)
     for name, eps in (("heart_acc_nodp", math.inf), ("heart_acc_dp1", 1.0)):
         accs = [mean_site_accuracy(eps, seed, args.rounds, overrides) for seed in range(args.seeds)]
         print(f"{name}={statistics.mean(accs):.4f}")

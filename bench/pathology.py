@@ -40,10 +40,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import simulated
+from bench.runs import add_set_option, set_overrides, simulated
 from fedcare.client import training
 from fedcare.client.memory import keep_freed_memory
-from fedcare.shared.config import RunConfig, parse_overrides
+from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
 
 warnings.filterwarnings("ignore")
@@ -156,12 +156,12 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--only", choices=("nodp", "dp8"), help="run one of the two federations")
-    parser.add_argument("--set", action="append", default=[], help="run-config KEY=VALUE")
+    add_set_option(parser)
     parser.add_argument("--data-root", type=Path, help="a PCam folder (train/, test/) dealt into the four "
                         "stain-shifted hospitals instead of the shipped subset")
     parser.add_argument("--hospitals", type=Path, help="where those hospitals' folders are written (reused)")
     args = parser.parse_args()
-    overrides = parse_overrides(args.set)
+    overrides = set_overrides(args)
 
     print(f"torch_threads={torch.get_num_threads()}", flush=True)
     if not args.skip_timing:

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
-from bench.runs import summary
+from bench.runs import add_set_option, set_overrides, summary
 from fedcare.client import training
-from fedcare.shared.config import RunConfig, parse_overrides
+from fedcare.shared.config import RunConfig
 from fedcare.shared.registry import get_task
 from fedcare.shared.tasks import _policy
 from fedcare.shared.tasks.base import Records
@@ -93,13 +93,12 @@ def main() -> None:
     parser.add_argument("--skip-cohort", action="store_true")
     parser.add_argument("--task-defaults", action="store_true",
                         help="ACTG with the task's default batch size and lr instead of ACTG_SETTINGS")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="further ACTG run-config overrides (e.g. ema-decay=0.5), repeatable")
+    add_set_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     if not args.skip_actg:
-        settings = {**({} if args.task_defaults else ACTG_SETTINGS), **parse_overrides(args.set)}
+        settings = {**({} if args.task_defaults else ACTG_SETTINGS), **set_overrides(args)}
         print(f"actg_settings={json.dumps(settings, sort_keys=True)}")
         runs = [federated("actg175", 3.0, args.rounds, seed, settings)
                 for seed in range(args.seed, args.seed + args.seeds)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -11,7 +12,8 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
-from fedcare.shared.config import DEFAULT_SITE_DELTA, RunConfig
+from fedcare.shared.config import DEFAULT_SITE_DELTA, RunConfig, parse_overrides
+from fedcare.shared.errors import ConfigError
 from fedcare.simulation.runner import plan_federation, simulate
 
 
@@ -28,3 +30,25 @@ def summary(cfg: RunConfig, epsilon: float, **kw: Any) -> dict:
     """The run's ``summary.json``, for benchmarks that need nothing else of it."""
     with simulated(cfg, epsilon, **kw) as out:
         return json.loads((out / "summary.json").read_text())
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable), checked as the arguments are parsed: a malformed
+    pair, an unknown key or a bad value ends in argparse's usage error (exit 2), before
+    any federation runs."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_override,
+                        help="run-config override (repeatable)")
+
+
+def set_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` pairs as one run-config mapping (a later pair wins)."""
+    return {key: value for pair in args.set for key, value in pair.items()}
+
+
+def _override(text: str) -> dict[str, Any]:
+    try:
+        pair = parse_overrides([text])
+        RunConfig.from_mapping(pair)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return pair

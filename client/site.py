@@ -127,7 +127,8 @@ def prepared_records(task: Task, records: Records, prep: dict[str, np.ndarray], 
     for k in sorted(prep):
         digest.update(k.encode())
         digest.update(np.ascontiguousarray(prep[k]).tobytes())
-    key = (task.name, cfg.dataset, cfg.model, cfg.aug_mult, cfg.test_views, id(records), train, digest.hexdigest())
+    settings = tuple(getattr(cfg, field) for field in task.dataset_settings)
+    key = (task.name, settings, id(records), train, digest.hexdigest())
     if key not in _DATASETS:
         if len(_DATASETS) > 4096:
             _DATASETS.clear()

@@ -109,13 +109,19 @@ def partition_sites(task: Task, sites: Sequence[Site], scheme: str, num_sites: i
     train = task.concat([s.train for s in sites])
     test = task.concat([s.test for s in sites])
     tr = partition_indices(train.labels, num_sites, scheme, alpha, seed,
-                           min_size=min(SiteConfig.min_records, len(train.labels) // num_sites))
+                           min_size=_site_floor(len(train.labels), num_sites))
     # Test records follow the same label mix, drawn with a different stream.
     te = partition_indices(test.labels, num_sites, scheme, alpha, seed + 7919) if scheme == "iid" \
         else _follow_label_mix(test.labels, [train.labels[i] for i in tr], seed,
-                               min_size=max(1, min(SiteConfig.min_records, len(test.labels) // num_sites)))
+                               min_size=max(1, _site_floor(len(test.labels), num_sites)))
     return [Site(name=f"site{i:0{len(str(num_sites - 1))}d}", train=task.take(train, a), test=task.take(test, b))
             for i, (a, b) in enumerate(zip(tr, te))]
+
+
+def _site_floor(pool: int, num_sites: int) -> int:
+    """Records each dealt site should hold: the node default ``min-records``, or an even
+    share where the pool is too small for that."""
+    return min(SiteConfig.min_records, pool // num_sites)
 
 
 def _follow_label_mix(test_labels: np.ndarray, train_label_sets: list[np.ndarray], seed: int,
@@ -139,4 +145,8 @@ def _follow_label_mix(test_labels: np.ndarray, train_label_sets: list[np.ndarray
             if len(out[donor]) <= min_size:
                 break
             out[site].append(out[donor].pop())
+    short = [i for i, o in enumerate(out) if len(o) < min_size]
+    if short:
+        log.warning("test deal over %d sites: site(s) %s hold fewer than %d test records "
+                    "(the pool has too few to go round)", len(out), ", ".join(map(str, short)), min_size)
     return [np.sort(np.asarray(o, dtype=int)) for o in out]

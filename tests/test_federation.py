@@ -14,7 +14,7 @@ from fedcare.client.site import builtin_partition, load_site, with_validation
 from fedcare.shared import tabular
 from fedcare.shared.config import SiteConfig
 from fedcare.shared.registry import get_task
-from fedcare.shared.splits import partition_indices
+from fedcare.shared.splits import _follow_label_mix, partition_indices
 from fedcare.shared.tasks.diagnosis import HEART
 from fedcare.simulation.runner import plan_federation, simulate
 
@@ -206,6 +206,21 @@ def test_a_dirichlet_deal_that_cannot_seat_every_site_says_which(caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="fedcare.partition"):
         partition_indices(labels, 4, "dirichlet", 1.0, 0, min_size=5)
+    assert caplog.text == ""
+
+
+def test_a_test_deal_too_small_to_go_round_says_which_sites_are_short(caplog):
+    """Test records follow each site's training label mix; where the pool cannot give
+    every site its floor, the sites left short are named, not passed over silently."""
+    train_sets = [np.zeros(50, int), np.ones(50, int), np.zeros(50, int)]
+    with caplog.at_level("WARNING", logger="fedcare.partition"):
+        parts = _follow_label_mix(np.array([0, 0, 1, 1]), train_sets, 0, min_size=2)
+    short = [i for i, p in enumerate(parts) if len(p) < 2]
+    assert sorted(np.concatenate(parts).tolist()) == [0, 1, 2, 3]  # nothing lost
+    assert short and f"site(s) {', '.join(map(str, short))} hold fewer than 2 test records" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedcare.partition"):
+        _follow_label_mix(np.array([0, 0, 1, 1, 0, 1]), train_sets, 0, min_size=2)
     assert caplog.text == ""
 
 

@@ -314,6 +314,23 @@ def test_one_dp_step_changes_the_model_and_spends_budget(tmp_path):
     assert privacy.epsilon(out.history, 1e-5) > 0
 
 
+def test_prepared_tensors_are_reused_only_under_the_same_settings(tmp_path):
+    """A hospital's tensors are built once per process; a run with another seed (the
+    augmentation stream), views or stain setting must not get the previous run's."""
+    from fedcare.client.site import prepared_records
+
+    records = TASK.read_file(hospital(tmp_path / "h", n_train=8, n_test=0), "pcam")
+    c = cfg(batch_size=8)
+    prep = TASK.finalize_stats(TASK.local_stats(records, c), c)
+    first = prepared_records(TASK, records, prep, c, train=True)
+    assert prepared_records(TASK, records, prep, cfg(batch_size=8), train=True) is first
+    for other in (cfg(batch_size=8, seed=1), cfg(batch_size=8, aug_mult=2)):
+        assert prepared_records(TASK, records, prep, other, train=True) is not first
+    augmented = [prepared_records(TASK, records, prep, cfg(batch_size=8, seed=s), train=True).batch([0, 1])[0]
+                 for s in (0, 1)]
+    assert not torch.equal(*augmented)
+
+
 # ---- a federation, then predictions -----------------------------------------------------
 def test_federation_of_two_hospitals_then_predict(tmp_path):
     from fedcare.simulation.runner import plan_federation, simulate

@@ -33,6 +33,7 @@ def test_contract_declarations(task_and_site):
     assert task.datasets and task.models and cfg.dataset in task.datasets and cfg.model in task.models
     for key in ("dataset", "model", "lr", "batch_size", "local_epochs", "optimizer"):
         assert key in task.defaults, f"{task.name} lacks default {key}"
+    assert "dataset" in task.dataset_settings and all(hasattr(cfg, f) for f in task.dataset_settings)
 
 
 def test_model_is_dp_compatible_and_data_independent(task_and_site):

@@ -117,6 +117,10 @@ class Task(ABC):
     main_metric: ClassVar[str] = "accuracy"
     #: Parameter-name prefixes that stay at the hospital (never sent, never aggregated).
     local_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: The run-config fields ``to_dataset`` reads: a hospital's prepared tensors are built
+    #: once and reused while these and the preprocessing stay the same
+    #: (``client.site.prepared_records``).
+    dataset_settings: ClassVar[tuple[str, ...]] = ("dataset", "model")
     #: DP-SGD with Opacus' fast gradient ("ghost") clipping: per-sample gradient norms
     #: from two backward passes instead of materialised per-sample gradients (batch x
     #: parameters), which dominate the step of a small model. Same clipping, noise and

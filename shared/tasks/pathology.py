@@ -173,6 +173,8 @@ class Pathology(Task):
         "test_views": 1,
     }
     test_fraction = 0.25
+    #: The augmentation stream follows the seed; views and stain normalisation shape the tensors.
+    dataset_settings = ("dataset", "model", "seed", "stain_norm", "aug_mult", "test_views")
 
     # ---- data -------------------------------------------------------------------
     def builtin_sites(self, dataset: str, seed: int) -> list[Site]:
