@@ -11,9 +11,11 @@ Tamper evidence: each entry carries the SHA-256 of its canonical JSON, which inc
 previous entry's hash. ``HEADS.json`` keeps, per data set, the entry count and last hash,
 so deleting the last entries (or the whole file) is detected too. A ledger that fails
 verification makes the site refuse to train until a person resolves it. This detects
-edits, deletions and reordering; someone who rewrites a whole chain *and* the heads
-consistently is not detected (that needs an anchor off the machine, such as a printed
-head hash).
+edits, deletions and reordering. Someone who rewrites a whole chain *and* the heads
+consistently is caught only against an anchor kept off the machine: ``anchor`` lists
+every chain's entry count and last hash, and ``anchor_problems`` checks that each
+anchored entry is still in its chain with that hash (an entry's hash commits to every
+entry before it, so this proves the first ``count`` entries unchanged).
 
 Location: node config ``ledger`` (a directory). A real hospital (``data=PATH``) that names
 none uses ``$FEDCARE_HOME/ledger`` or ``~/.fedcare/ledger``; virtual hospitals of a
@@ -34,7 +36,7 @@ from typing import Any, Iterator
 
 from ..shared.atomic import write_text_atomic
 from ..shared.config import RunConfig, SiteConfig
-from ..shared.errors import FedcareError
+from ..shared.errors import DataError, FedcareError
 from . import privacy
 
 HEADS = "HEADS.json"
@@ -198,6 +200,58 @@ class Ledger:
             heads[key] = {"count": entry["seq"], "hash": entry["hash"], "label": label}
             write_text_atomic(self.dir / HEADS, json.dumps(heads, indent=1, sort_keys=True))
             return entry
+
+
+ANCHOR_FORMAT = "fedcare-ledger-anchor/1"
+
+
+def anchor(chains: list[Chain]) -> dict[str, Any]:
+    """Each chain's entry count and last hash, to keep off this machine (printed, or sent
+    to the hospital's data-protection officer): no patient data, only counts and hashes."""
+    return {"format": ANCHOR_FORMAT, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "heads": {c.key: {"count": len(c.entries), "hash": c.entries[-1]["hash"], "label": c.label}
+                      for c in chains if c.entries}}
+
+
+def read_anchor(path: Path) -> dict[str, dict[str, Any]]:
+    """An anchor file's heads; a DataError naming the file and field if it is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise DataError(f"cannot read the ledger anchor ({exc.strerror})", path=str(path)) from None
+    except ValueError:
+        raise DataError("not a ledger anchor (not valid JSON)", path=str(path)) from None
+    if not isinstance(doc, dict) or doc.get("format") != ANCHOR_FORMAT or not isinstance(doc.get("heads"), dict):
+        raise DataError(f"not a ledger anchor (expected format {ANCHOR_FORMAT!r} and a 'heads' object)",
+                        path=str(path))
+    for key, head in doc["heads"].items():
+        ok = (isinstance(head, dict) and isinstance(head.get("count"), int) and head["count"] >= 1
+              and isinstance(head.get("hash"), str) and len(head["hash"]) == 64)
+        if not ok:
+            raise DataError("needs a positive integer 'count' and a 64-character 'hash'", path=str(path),
+                            column=f"heads.{key}")
+    return doc["heads"]
+
+
+def anchor_problems(ledger: "Ledger", heads: dict[str, dict[str, Any]]) -> dict[str, LedgerTampered]:
+    """Per anchored data set that no longer holds its anchored entry: why. A chain may
+    have grown since the anchor; it may not have lost or changed what the anchor saw."""
+    out: dict[str, LedgerTampered] = {}
+    for key, head in heads.items():
+        label = str(head.get("label") or key)
+        try:
+            entries = ledger.verify(key).entries
+        except LedgerTampered as exc:
+            exc.label = label
+            out[key] = exc
+            continue
+        count = head["count"]
+        if len(entries) < count or entries[count - 1]["hash"] != head["hash"]:
+            exc = LedgerTampered(f"{label}: the anchor saw {count} entries ending in {head['hash'][:16]}; "
+                                 f"the ledger holds {len(entries)} and not that entry (rewritten since the anchor)")
+            exc.label = label
+            out[key] = exc
+    return out
 
 
 def spent(chain: Chain, delta: float) -> float:

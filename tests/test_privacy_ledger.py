@@ -172,3 +172,62 @@ def test_a_site_that_refused_the_preprocessing_round_spends_nothing(tmp_path: Pa
     (who, why), = summary["refused_sites"].items()
     assert who.startswith("node-") and f"code {errors.DATA_INVALID}" in why
     assert "min-records" not in why
+
+
+# ---- an anchor kept off the machine -------------------------------------------------
+def _budget(*args: str):
+    return CliRunner().invoke(_budget_app(), ["budget", *args], env={"COLUMNS": "200"})
+
+
+def test_an_anchor_catches_a_consistent_rewrite_and_lets_the_ledger_grow(book: L.Ledger, tmp_path: Path) -> None:
+    """A whole chain and its head rewritten consistently verify on the machine; only an
+    anchor written earlier shows that entries it saw are gone."""
+    anchor = tmp_path / "anchor.json"
+    result = _budget("--ledger", str(book.dir), "--write-anchor", str(anchor))
+    assert result.exit_code == 0, result.output
+    assert json.loads(anchor.read_text())["heads"]["k"]["count"] == 3
+
+    book.append("k", "site-x", _entry("c", 1.0, 0.1, 10))  # grown since: still fine
+    result = _budget("--ledger", str(book.dir), "--anchor", str(anchor))
+    assert result.exit_code == 0 and "still holds" in result.output, result.output
+
+    forged = L.Ledger(tmp_path / "forged")  # the same data set with one run's spending left out
+    for run in ("a", "b", "c"):
+        forged.append("k", "site-x", _entry(run, 1.0, 0.1, 10))
+    for name in ("k.jsonl", L.HEADS):
+        (book.dir / name).write_text((forged.dir / name).read_text())
+    assert len(book.verify("k").entries) == 3  # the rewrite verifies on its own
+    result = _budget("--ledger", str(book.dir), "--anchor", str(anchor))
+    assert result.exit_code == 3 and "rewritten since the anchor" in result.output, result.output
+
+    for name in ("k.jsonl", L.HEADS):  # the whole ledger gone
+        (book.dir / name).unlink()
+    assert L.Ledger(book.dir).chains() == []
+    result = _budget("--ledger", str(book.dir), "--anchor", str(anchor))
+    assert result.exit_code == 3 and "site-x" in result.output, result.output
+
+
+def test_no_anchor_is_written_for_a_tampered_ledger(book: L.Ledger, tmp_path: Path) -> None:
+    _write(book, _lines(book)[:2])
+    anchor = tmp_path / "anchor.json"
+    result = _budget("--ledger", str(book.dir), "--write-anchor", str(anchor))
+    assert result.exit_code == 3 and not anchor.exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot read"), ("{", "not valid JSON"), ('{"heads": {}}', "not a ledger anchor"),
+    ('{"format": "fedcare-ledger-anchor/1", "heads": {"k": {"count": 0, "hash": "ab"}}}', "heads.k")])
+def test_a_bad_anchor_file_is_an_error_naming_it(book: L.Ledger, tmp_path: Path, content, says) -> None:
+    anchor = tmp_path / "anchor.json"
+    if content is not None:
+        anchor.write_text(content)
+    result = CliRunner().invoke(_budget_app(), ["budget", "--ledger", str(book.dir),
+                                                                "--anchor", str(anchor)])
+    assert result.exit_code == 2
+    assert says in result.stderr and str(anchor) in result.stderr
+
+
+def test_an_anchor_into_a_missing_folder_is_refused_before_anything(book: L.Ledger, tmp_path: Path) -> None:
+    target = tmp_path / "nowhere" / "anchor.json"
+    result = _budget("--ledger", str(book.dir), "--write-anchor", str(target))
+    assert result.exit_code == 2 and "folder does not exist" in result.stderr and not target.parent.exists()
