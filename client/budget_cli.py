@@ -26,8 +26,8 @@ def rows(directory: Path, delta: float | None = None,
     out: list[dict[str, object]] = []
     seen: set[str] = set()
     for item in book.chains():
+        seen.add(item.key)
         if isinstance(item, ledger_mod.Chain):
-            seen.add(item.key)
             item = problems.get(item.key, item)
         if isinstance(item, ledger_mod.LedgerTampered):
             out.append({"dataset": item.label or "?", "status": f"TAMPERED: {item}"})
@@ -41,7 +41,7 @@ def rows(directory: Path, delta: float | None = None,
         out.append({"dataset": item.label, "runs": len(item.runs), "rounds": len(item.entries),
                     "spent": spent, "delta": at, "budget": budget,
                     "remaining": max(0.0, budget - spent) if math.isfinite(budget) else math.inf,
-                    "status": "verified", "key": item.key})
+                    "status": "verified"})
     for key, problem in problems.items():  # anchored, and gone with its head too
         if key not in seen:
             out.append({"dataset": problem.label or key, "status": f"TAMPERED: {problem}"})

@@ -48,6 +48,7 @@ class LedgerTampered(FedcareError):
 
     exit_code = 3
     label = ""
+    key = ""
 
 
 def default_directory() -> Path:
@@ -169,7 +170,7 @@ class Ledger:
             try:
                 out.append(self.verify(key, heads))
             except LedgerTampered as exc:
-                exc.label = str((heads.get(key) or {}).get("label", key))
+                exc.label, exc.key = str((heads.get(key) or {}).get("label", key)), key
                 out.append(exc)
         return out
 

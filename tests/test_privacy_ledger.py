@@ -231,3 +231,11 @@ def test_an_anchor_into_a_missing_folder_is_refused_before_anything(book: L.Ledg
     target = tmp_path / "nowhere" / "anchor.json"
     result = _budget("--ledger", str(book.dir), "--write-anchor", str(target))
     assert result.exit_code == 2 and "folder does not exist" in result.stderr and not target.parent.exists()
+
+
+def test_a_chain_broken_on_the_machine_is_reported_once_under_an_anchor(book: L.Ledger, tmp_path: Path) -> None:
+    anchor = tmp_path / "anchor.json"
+    assert _budget("--ledger", str(book.dir), "--write-anchor", str(anchor)).exit_code == 0
+    _write(book, _lines(book)[:2])
+    result = _budget("--ledger", str(book.dir), "--anchor", str(anchor))
+    assert result.exit_code == 3 and result.output.count("TAMPERED") == 2, result.output  # its row and its reason
