@@ -19,6 +19,7 @@ from ..shared.errors import DataError
 from ..shared.flower_tools import process_env
 from ..shared.keys import generate_hospital_key
 from ..shared.registry import get_task
+from . import ledger as ledger_mod
 from . import supernode
 
 
@@ -55,6 +56,8 @@ def join(
     trusted_entities: Optional[Path] = typer.Option(None, help="YAML of trusted app publishers' Ed25519 keys: "
                                                     "only apps they signed on Flower Hub will run."),
     max_wait: Optional[float] = typer.Option(None, help="Give up connecting after this many seconds."),
+    anchor: Optional[Path] = typer.Option(None, help="Refuse to join if the privacy ledger was rewritten since "
+                                          "this anchor ('fedcare hospital budget --write-anchor')."),
 ) -> None:
     """Check the data, then run this hospital's SuperNode (TLS, its own key, its own budget)."""
     t = get_task(task)
@@ -77,6 +80,8 @@ def join(
                                    "epsilon": eps, "delta": delta, "ledger": ledger, "strict": strict,
                                    "max-noise": max_noise, "min-records": min_records,
                                    "split-seed": split_seed, "val-fraction": val_fraction})
+    if anchor is not None:
+        _check_anchor(anchor, cfg)
     supernode.check_ca(ca)
     supernode.check_private_key(key)
     if trusted_entities is not None:
@@ -87,6 +92,24 @@ def join(
     console.print(f"{report.rows} record(s) OK for {task}/{dataset}; joining {coordinator} as "
                   f"'{cfg.site}' ({budget})")
     os.execve(cmd[0], cmd, process_env())
+
+
+def _check_anchor(path: Path, cfg: SiteConfig) -> None:
+    """Exit 2 for an unusable anchor or no ledger to check; exit 3 if the ledger lost or
+    changed an entry the anchor saw (a rewrite that the ledger's own heads cannot show)."""
+    directory = ledger_mod.directory_for(cfg)
+    try:
+        heads = ledger_mod.read_anchor(path)
+        if directory is None:
+            raise DataError("an anchor needs a privacy ledger to check (not --ledger off)", path=str(path))
+    except DataError as exc:
+        console.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(2)
+    problems = ledger_mod.anchor_problems(ledger_mod.Ledger(directory), heads)
+    for problem in problems.values():
+        console.print(f"[red]refused:[/] privacy ledger {directory}: {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(3)
 
 
 def keygen(

@@ -81,3 +81,31 @@ def test_join_refuses_bad_data_and_bad_settings_before_connecting(tmp_path, hear
     layout.hospital_key("a").chmod(0o644)
     done = _join(tmp_path, layout, heart_csvs[0])
     assert done.returncode == 2 and "chmod 600" in _said(done)
+
+
+def test_join_refuses_a_ledger_rewritten_since_its_anchor(tmp_path, heart_csvs):
+    from fedcare.client import ledger as L
+    from fedcare.client.budget_cli import write_anchor
+
+    entry = {"history": [[1.0, 0.1, 10]], "epsilon": 0.5, "delta": 1e-5, "budget_epsilon": 3.0}
+    book = L.Ledger(tmp_path / "ledger")
+    for run in ("r1", "r2"):
+        book.append("k", "cleveland", {"run": run, **entry})
+    anchor = tmp_path / "anchor.json"
+    write_anchor(book.dir, anchor)
+    layout = provision(tmp_path / "fed", ["localhost"], ["a"])
+    layout.hospital_key("a").chmod(0o644)  # a later check refuses, so no SuperNode starts either way
+
+    done = _join(tmp_path, layout, heart_csvs[0], "--ledger", str(book.dir), "--anchor", str(anchor))
+    assert done.returncode == 2 and "chmod 600" in _said(done)  # the anchor check passed
+
+    forged = L.Ledger(tmp_path / "forged")  # the same data set without run r2's spending
+    forged.append("k", "cleveland", {"run": "r1", **entry})
+    for name in ("k.jsonl", L.HEADS):
+        (book.dir / name).write_text((forged.dir / name).read_text())
+    done = _join(tmp_path, layout, heart_csvs[0], "--ledger", str(book.dir), "--anchor", str(anchor))
+    assert done.returncode == 3 and "rewritten since the anchor" in _said(done)
+    assert "Starting Flower SuperNode" not in _said(done)
+
+    done = _join(tmp_path, layout, heart_csvs[0], "--ledger", "off", "--anchor", str(anchor))
+    assert done.returncode == 2 and "needs a privacy ledger" in _said(done)
