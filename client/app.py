@@ -28,11 +28,12 @@ from flwr.clientapp import ClientApp
 from ..shared import errors
 from ..shared.arrays import load_into, to_numpy, to_record
 from ..shared.config import RunConfig, SiteConfig
-from ..shared.errors import BudgetExceeded, ConfigError, DataError
+from ..shared.errors import BudgetExceeded, ConfigError, DataError, ReleaseRefused
 from ..shared.registry import get_task
 from ..shared.tasks.base import Site, Task
 from . import ledger as ledger_mod
 from . import privacy, training, updates
+from .releases import Releases
 from .site import load_site, prepared, prepared_records
 
 log = logging.getLogger("fedcare.client")
@@ -112,6 +113,7 @@ def _message_config(msg: Message) -> dict[str, Any]:
 WIRE_CODES: tuple[tuple[type[Exception], int, int, str], ...] = (
     (BudgetExceeded, errors.BUDGET_REFUSED, logging.WARNING, "refused: %s"),
     (ledger_mod.LedgerTampered, errors.LEDGER_INVALID, logging.ERROR, "privacy ledger failed verification: %s"),
+    (ReleaseRefused, errors.RELEASE_REFUSED, logging.WARNING, "aggregate release refused: %s"),
     (ConfigError, errors.CONFIG_REJECTED, logging.WARNING, "config rejected: %s"),
     (DataError, errors.DATA_INVALID, logging.ERROR, "site data invalid: %s"),
 )
@@ -166,6 +168,10 @@ def stats(job: _Job) -> RecordDict:
     subset does not move with the coordinator's ``val-fraction``.
     """
     _require_records(len(job.site.summed), job.site_cfg.min_records, "training")
+    directory = ledger_mod.directory_for(job.site_cfg)
+    if directory is not None:
+        key, _ = ledger_mod.dataset_identity(job.site_cfg, job.cfg, job.site.name)
+        Releases(directory, key).admit(job.task.fingerprints(job.site.summed), job.site_cfg.min_records)
     local = job.task.local_stats(job.site.summed, job.cfg)
     return RecordDict({
         "stats": to_record(local),

@@ -102,7 +102,15 @@ def file_records(task_name: str, dataset: str, path: str, stamp: int, strict: bo
 
 
 def file_stamp(path: Path) -> int:
-    return path.stat().st_mtime_ns if path.exists() else 0
+    """Changes whenever the data does: a file's modification time; for a folder of images,
+    the latest of every entry's and their number (a file removed from a class sub-folder
+    leaves the top folder's own time as it was)."""
+    if not path.exists():
+        return 0
+    if not path.is_dir():
+        return path.stat().st_mtime_ns
+    entries = [path, *path.rglob("*")]
+    return hash((max(e.stat().st_mtime_ns for e in entries), len(entries)))
 
 
 @lru_cache(maxsize=4096)

@@ -51,6 +51,12 @@ class BudgetExceeded(FedcareError):
     """Training would spend more privacy budget than the hospital allows."""
 
 
+class ReleaseRefused(FedcareError):
+    """An exact aggregate release would cover records that differ from an earlier
+    release's by fewer than the site's ``min-records``: their difference would single
+    those records out."""
+
+
 class FederationError(FedcareError):
     """The federation cannot go on: too few sites connected or answered (their refusals
     were reported as they came)."""
@@ -69,6 +75,7 @@ BUDGET_REFUSED = 4101
 DATA_INVALID = 4102
 CONFIG_REJECTED = 4103
 LEDGER_INVALID = 4104
+RELEASE_REFUSED = 4105
 INTERNAL_ERROR = 4199
 
 WIRE_REASONS = {
@@ -76,5 +83,7 @@ WIRE_REASONS = {
     DATA_INVALID: "site data failed validation; details are in the site's local log",
     CONFIG_REJECTED: "run configuration rejected by the site",
     LEDGER_INVALID: "privacy ledger failed verification at the site; training refused until resolved",
+    RELEASE_REFUSED: "aggregate release refused: the site's records differ from an earlier release's by "
+                     "fewer than its min-records",
     INTERNAL_ERROR: "internal error at the site; details are in the site's local log",
 }

@@ -71,6 +71,17 @@ def test_one_dp_step(task_and_site):
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
+def test_fingerprints_follow_records_not_their_positions(task_and_site):
+    """Release overlap control compares record sets: a record's digest must not move with
+    its place in the file, and distinct records must get distinct digests."""
+    task, _, site = task_and_site
+    full = task.fingerprints(site.train)
+    assert full.dtype == np.uint64 and len(full) == len(site.train)
+    order = np.random.default_rng(0).permutation(len(site.train))[: len(site.train) // 2]
+    assert np.array_equal(task.fingerprints(task.take(site.train, order)), full[order])
+    assert len(np.unique(full)) > 0.95 * len(full)
+
+
 def test_split_is_disjoint_and_deterministic(task_and_site):
     task, _, site = task_and_site
     a = split_indices(site.train, 0.3, seed=1)

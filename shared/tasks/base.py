@@ -17,6 +17,7 @@ Data flows through three stages:
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,13 @@ class Task(ABC):
         """Pool several sites' records (used by IID/Dirichlet re-partitioning)."""
         raise NotImplementedError(f"task {self.name} cannot pool records")
 
+    @abstractmethod
+    def fingerprints(self, records: Records) -> np.ndarray:
+        """One 64-bit digest per record (uint64) of its content, never of its position or
+        of anything derived from the other records: the site compares the record sets of
+        its exact aggregate releases (``client.releases``), and a digest that moved with
+        the file's order would make one added patient look like a new set."""
+
     test_fraction: ClassVar[float] = 0.25
 
     def split(self, records: Records, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,3 +249,20 @@ class Task(ABC):
     def local_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v for k, v in model.state_dict().items()
                 if self.local_prefixes and k.startswith(self.local_prefixes)}
+
+
+def row_digests(*columns: np.ndarray) -> np.ndarray:
+    """uint64 digests of aligned rows: row ``i`` of every column (numbers by their bytes,
+    strings and other objects by their text), for ``Task.fingerprints``."""
+    n = len(columns[0])
+    if any(len(c) != n for c in columns):
+        raise ValueError("row_digests: columns of different lengths")
+    cols = [c if c.dtype == object else np.ascontiguousarray(c) for c in map(np.asarray, columns)]
+    out = np.empty(n, dtype=np.uint64)
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=8)
+        for c in cols:
+            h.update(str(c[i]).encode() if c.dtype == object else c[i].tobytes())
+            h.update(b"\x1f")
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out

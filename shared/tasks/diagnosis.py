@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..metrics import binary_metrics
 from ..registry import register
 from ..splits import split_site
-from .base import CheckReport, Records, Site, Task
+from .base import CheckReport, Records, Site, Task, row_digests
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "datasets" / "heart_disease"
 
@@ -195,6 +195,9 @@ class Diagnosis(Task):
         return Records(data=records.data[index], labels=records.labels[index],
                        groups=None if records.groups is None else records.groups[index],
                        source=records.source)
+
+    def fingerprints(self, records: Records) -> np.ndarray:
+        return row_digests(records.data, records.labels)
 
     def concat(self, parts: Sequence[Records]) -> Records:
         return Records(data=np.concatenate([p.data for p in parts]),

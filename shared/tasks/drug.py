@@ -48,7 +48,7 @@ from ..registry import register
 from ..splits import split_site
 from . import _molecules as mol
 from ._drug_models import DescriptorMLP, TokenCNN, TokenLSTM
-from .base import CheckReport, Records, Site, Task
+from .base import CheckReport, Records, Site, Task, row_digests
 
 DATA_ROOT = Path(__file__).resolve().parent.parent / "datasets"
 SMILES = "smiles"
@@ -297,6 +297,10 @@ class Drug(Task):
             if column in parsed.present and not (y[:, j] == 1).any():
                 report.notes.append(f"no positive label for '{column}': its ROC-AUC is undefined at this site")
         return report
+
+    def fingerprints(self, records: Records) -> np.ndarray:
+        m: Molecules = records.data
+        return row_digests(m.smiles, m.y)
 
     def take(self, records: Records, index: np.ndarray) -> Records:
         index = np.asarray(index, dtype=int)

@@ -54,7 +54,7 @@ from ..splits import split_site
 from . import _patches, _stain
 from ._patch_model import WIDTHS, PatchDataset, PatchResNet
 from ._scatter import ScatterNet
-from .base import CheckReport, Records, Site, Task
+from .base import CheckReport, Records, Site, Task, row_digests
 
 DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
 
@@ -234,6 +234,10 @@ class Pathology(Task):
         if len(labels) < 10:
             report.problems.append(f"only {len(labels)} usable image(s): too few to train with DP")
         return report
+
+    def fingerprints(self, records: Records) -> np.ndarray:
+        """The pixels and the label: a file moved or renamed is the same record."""
+        return row_digests(records.data.images.reshape(len(records), -1), records.labels)
 
     def take(self, records: Records, index: np.ndarray) -> Records:
         index = np.asarray(index, dtype=int)

@@ -61,7 +61,7 @@ from ..metrics import binary_metrics
 from ..registry import register
 from ..splits import split_site
 from . import _actg, _cohort, _policy
-from .base import CheckReport, Records, Site, Task
+from .base import CheckReport, Records, Site, Task, row_digests
 
 EMBEDDING_DIM = 8
 HIDDEN = 32
@@ -358,6 +358,12 @@ class Recommendation(Task):
     def input_schema(self, dataset: str) -> dict[str, Any]:
         spec = spec_for(dataset)
         return {"dataset": dataset, **spec.schema.describe()}
+
+    def fingerprints(self, records: Records) -> np.ndarray:
+        """Everything a row records; not ``slot``, the embedding row its patient's place
+        in the file gave it."""
+        c: Cases = records.data
+        return row_digests(c.patient, c.x, c.treatment, c.outcome, c.propensity, c.time)
 
     def take(self, records: Records, index: np.ndarray) -> Records:
         index = np.asarray(index, dtype=int)

@@ -1,0 +1,71 @@
+"""Overlap control for the site's exact aggregate releases (the preprocessing sums).
+
+The sums a hospital shares before training are exact, outside ε. One such release is
+safe while it covers at least ``min-records`` records, but two releases over record sets
+that differ by a few records are not: their difference is the sum over those few, which
+for one record *is* that record (a patient added or withdrawn between two runs, a file
+re-exported without one row). Statistical offices guard tables the same way ("query-set
+overlap control"). So the site keeps, beside its privacy ledger, the record fingerprints
+(``Task.fingerprints``, 64-bit content digests) of every distinct set it has released
+sums over, and refuses a new release whose set differs from any earlier one by at least
+one and fewer than ``min-records`` records. The same set again, or one that differs by
+``min-records`` or more, is released.
+
+Pairwise only: differences across three or more releases (a "tracker") are not checked.
+The fingerprints stay on the hospital's disk with its data; only the refusal's fixed
+reason crosses the wire (``errors.RELEASE_REFUSED``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+from ..shared.atomic import write_bytes_atomic
+from ..shared.errors import ReleaseRefused
+from .ledger import Ledger
+
+
+def difference(a: np.ndarray, b: np.ndarray) -> int:
+    """Records in one multiset of fingerprints and not the other (the symmetric difference)."""
+    ca, cb = Counter(a.tolist()), Counter(b.tolist())
+    return sum(((ca - cb) + (cb - ca)).values())
+
+
+class Releases:
+    """The record sets one data set's sums were released over: ``<ledger>/releases/<key>/``."""
+
+    def __init__(self, ledger_dir: Path, key: str) -> None:
+        self.ledger = Ledger(ledger_dir)
+        self.dir = Path(ledger_dir) / "releases" / key
+
+    def sets(self) -> list[np.ndarray]:
+        if not self.dir.exists():
+            return []
+        return [np.load(p, allow_pickle=False) for p in sorted(self.dir.glob("*.npy"))]
+
+    def admit(self, fingerprints: np.ndarray, min_records: int) -> None:
+        """Record this release's set, or ReleaseRefused (nothing recorded) if it is within
+        ``min-records`` of an earlier one without being the same."""
+        current = np.sort(np.asarray(fingerprints, dtype=np.uint64))
+        with self.ledger.locked():
+            for earlier in self.sets():
+                d = difference(current, earlier)
+                if 0 < d < min_records:
+                    raise ReleaseRefused(f"the records differ from an earlier release's ({len(earlier)} records) "
+                                         f"by {d}, fewer than min-records {min_records}: sums over both would "
+                                         f"single out those records")
+            name = hashlib.sha256(current.tobytes()).hexdigest()[:24] + ".npy"
+            if not (self.dir / name).exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(self.dir / name, _npy(current), fsync=True)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
