@@ -30,7 +30,7 @@ from ..shared.arrays import load_into, to_numpy, to_record
 from ..shared.config import RunConfig, SiteConfig
 from ..shared.errors import BudgetExceeded, ConfigError, DataError, ReleaseRefused
 from ..shared.registry import get_task
-from ..shared.tasks.base import Site, Task
+from ..shared.tasks.base import Records, Site, Task
 from . import ledger as ledger_mod
 from . import privacy, training, updates
 from .releases import Releases
@@ -168,10 +168,7 @@ def stats(job: _Job) -> RecordDict:
     subset does not move with the coordinator's ``val-fraction``.
     """
     _require_records(len(job.site.summed), job.site_cfg.min_records, "training")
-    directory = ledger_mod.directory_for(job.site_cfg)
-    if directory is not None:
-        key, _ = ledger_mod.dataset_identity(job.site_cfg, job.cfg, job.site.name)
-        Releases(directory, key).admit(job.task.fingerprints(job.site.summed), job.site_cfg.min_records)
+    _admit_release(job, job.site.summed, "sums")
     local = job.task.local_stats(job.site.summed, job.cfg)
     return RecordDict({
         "stats": to_record(local),
@@ -240,6 +237,7 @@ def evaluate(job: _Job) -> RecordDict:
     set is refused, and such a validation set's metrics are left out.
     """
     _require_records(len(job.site.test), job.site_cfg.min_records, "test")
+    _admit_release(job, job.site.test, "test")
     data = prepared(job.task, job.site, job.prep, job.cfg, train=False)
     model = job.model()
     scores, loss = training.evaluate(job.task, model, data)
@@ -247,12 +245,31 @@ def evaluate(job: _Job) -> RecordDict:
     metrics: dict[str, float | int] = {"num-examples": len(data), "loss": loss,
                                        "epsilon": eps, "delta": job.site_cfg.delta if eps >= 0 else 0.0}
     metrics.update({k: float(v) for k, v in scores.items()})
-    if job.site.val is not None and len(job.site.val) >= job.site_cfg.min_records:
+    if job.site.val is not None and len(job.site.val) >= job.site_cfg.min_records and _val_admitted(job):
         val = prepared_records(job.task, job.site.val, job.prep, job.cfg, train=False)
         val_scores, val_loss = training.evaluate(job.task, model, val)
         metrics.update({"num-val": len(val), "val_loss": val_loss})
         metrics.update({f"val_{k}": float(v) for k, v in val_scores.items()})
     return RecordDict({"metrics": MetricRecord(metrics), "site": job.site_record()})
+
+
+def _admit_release(job: _Job, records: Records, kind: str) -> None:
+    """Overlap control (``client.releases``) for a site with a privacy ledger: refuse an
+    aggregate over records within ``min-records`` of an earlier release's of this kind."""
+    directory = ledger_mod.directory_for(job.site_cfg)
+    if directory is not None:
+        key, _ = ledger_mod.dataset_identity(job.site_cfg, job.cfg, job.site.name)
+        Releases(directory, key, kind).admit(job.task.fingerprints(records), job.site_cfg.min_records)
+
+
+def _val_admitted(job: _Job) -> bool:
+    """Validation metrics are an extra: refused, they are left out, not the whole reply."""
+    try:
+        _admit_release(job, job.site.val, "val")
+    except ReleaseRefused as exc:
+        log.warning("validation metrics left out: %s", exc)
+        return False
+    return True
 
 
 def _require_records(n: int, min_records: int, kind: str) -> None:

@@ -1,4 +1,5 @@
-"""Overlap control for the site's exact aggregate releases (the preprocessing sums).
+"""Overlap control for the site's exact aggregate releases (the preprocessing sums and
+the test and validation metrics).
 
 The sums a hospital shares before training are exact, outside ε. One such release is
 safe while it covers at least ``min-records`` records, but two releases over record sets
@@ -9,7 +10,9 @@ overlap control"). So the site keeps, beside its privacy ledger, the record fing
 (``Task.fingerprints``, 64-bit content digests) of every distinct set it has released
 sums over, and refuses a new release whose set differs from any earlier one by at least
 one and fewer than ``min-records`` records. The same set again, or one that differs by
-``min-records`` or more, is released.
+``min-records`` or more, is released. Metrics are kept apart by kind and held to the
+same rule: the same model evaluated on two test sets one record apart tells how it did
+on that record (a coordinator chooses the model it sends).
 
 Pairwise only: differences across three or more releases (a "tracker") are not checked.
 The fingerprints stay on the hospital's disk with its data; only the refusal's fixed
@@ -36,12 +39,21 @@ def difference(a: np.ndarray, b: np.ndarray) -> int:
     return sum(((ca - cb) + (cb - ca)).values())
 
 
-class Releases:
-    """The record sets one data set's sums were released over: ``<ledger>/releases/<key>/``."""
+#: Kinds of release, each compared only with its own kind: the preprocessing sums (over
+#: the training records with any validation hold-out), the test and validation metrics.
+KINDS = {"sums": "sums", "test": "test metrics", "val": "validation metrics"}
 
-    def __init__(self, ledger_dir: Path, key: str) -> None:
+
+class Releases:
+    """The record sets one data set released one kind of aggregate over:
+    ``<ledger>/releases/<key>/<kind>/``."""
+
+    def __init__(self, ledger_dir: Path, key: str, kind: str = "sums") -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown release kind {kind!r}")
         self.ledger = Ledger(ledger_dir)
-        self.dir = Path(ledger_dir) / "releases" / key
+        self.kind = KINDS[kind]
+        self.dir = Path(ledger_dir) / "releases" / key / kind
 
     def sets(self) -> list[np.ndarray]:
         if not self.dir.exists():
@@ -52,17 +64,18 @@ class Releases:
         """Record this release's set, or ReleaseRefused (nothing recorded) if it is within
         ``min-records`` of an earlier one without being the same."""
         current = np.sort(np.asarray(fingerprints, dtype=np.uint64))
+        path = self.dir / (hashlib.sha256(current.tobytes()).hexdigest()[:24] + ".npy")
         with self.ledger.locked():
+            if path.exists():  # released before (every round's metrics): checked then
+                return
             for earlier in self.sets():
                 d = difference(current, earlier)
                 if 0 < d < min_records:
                     raise ReleaseRefused(f"the records differ from an earlier release's ({len(earlier)} records) "
-                                         f"by {d}, fewer than min-records {min_records}: sums over both would "
-                                         f"single out those records")
-            name = hashlib.sha256(current.tobytes()).hexdigest()[:24] + ".npy"
-            if not (self.dir / name).exists():
-                self.dir.mkdir(parents=True, exist_ok=True)
-                write_bytes_atomic(self.dir / name, _npy(current), fsync=True)
+                                         f"by {d}, fewer than min-records {min_records}: {self.kind} over both "
+                                         f"would single out those records")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, _npy(current), fsync=True)
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -40,7 +40,7 @@ def test_a_release_within_min_records_of_an_earlier_one_is_refused_and_not_recor
         book.admit(first[6:], 5)
 
 
-def test_a_hospital_that_lost_one_image_refuses_to_release_its_sums_again(tmp_path: Path):
+def test_a_hospital_that_lost_one_image_refuses_to_release_aggregates_over_the_rest(tmp_path: Path):
     """Run 1 releases the sums over north's 20 training images; with one image gone, run
     2's sums minus run 1's would be that image's pixels: north refuses (code only), the
     others go on. Five images gone differ by min-records and are released."""
@@ -66,3 +66,11 @@ def test_a_hospital_that_lost_one_image_refuses_to_release_its_sums_again(tmp_pa
     for p in train[1:5]:
         p.unlink()
     assert set(run("r3")["sites"]) == {"north", "south", "east"}
+
+    # One test image gone: south still trains, but sends no test metrics over a set one
+    # record away from those it reported before.
+    sorted((south / "test" / "1").iterdir())[0].unlink()
+    fourth = run("r4")["sites"]
+    assert fourth["south"]["evaluated_round"] == 0 and "accuracy" not in fourth["south"]
+    assert fourth["south"]["num_train"] == 20  # it trained
+    assert all("accuracy" in fourth[s] for s in ("north", "east"))
