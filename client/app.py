@@ -18,6 +18,7 @@ import logging
 import math
 import os
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -67,6 +68,15 @@ class _Job:
     def global_arrays(self) -> dict[str, np.ndarray]:
         """The message's global model, decoded once per message."""
         return to_numpy(self.msg.content["arrays"])
+
+    @cached_property
+    def ledger_home(self) -> tuple[Path, str, str] | None:
+        """This data set's ledger folder and its (key, label) there; None for a site
+        that keeps no ledger (a virtual hospital without one, or ``ledger=off``)."""
+        directory = ledger_mod.directory_for(self.site_cfg)
+        if directory is None:
+            return None
+        return (directory, *ledger_mod.dataset_identity(self.site_cfg, self.cfg, self.site.name))
 
     @cached_property
     def prior(self) -> "_Prior":
@@ -253,13 +263,21 @@ def evaluate(job: _Job) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(metrics), "site": job.site_record()})
 
 
+#: (ledger folder, data set key, kind) -> the records this process last admitted there:
+#: the same object again (every round's metrics) is not fingerprinted again.
+_ADMITTED: dict[tuple[Path, str, str], Records] = {}
+
+
 def _admit_release(job: _Job, records: Records, kind: str) -> None:
     """Overlap control (``client.releases``) for a site with a privacy ledger: refuse an
     aggregate over records within ``min-records`` of an earlier release's of this kind."""
-    directory = ledger_mod.directory_for(job.site_cfg)
-    if directory is not None:
-        key, _ = ledger_mod.dataset_identity(job.site_cfg, job.cfg, job.site.name)
+    if job.ledger_home is None:
+        return
+    directory, key, _ = job.ledger_home
+    slot = (directory, key, kind)
+    if _ADMITTED.get(slot) is not records:  # the records objects are cached per process (client.site)
         Releases(directory, key, kind).admit(job.task.fingerprints(records), job.site_cfg.min_records)
+        _ADMITTED[slot] = records
 
 
 def _val_admitted(job: _Job) -> bool:
@@ -309,11 +327,12 @@ class _Prior:
     """What this data set released before this run (from the ledger), and how to record more."""
 
     def __init__(self, job: _Job) -> None:
-        self.directory = ledger_mod.directory_for(job.site_cfg) if job.site_cfg.private else None
+        home = job.ledger_home if job.site_cfg.private else None
+        self.directory = home[0] if home else None
         self.history: privacy.History = []
-        if self.directory is None:
+        if home is None:
             return
-        self.key, self.label = ledger_mod.dataset_identity(job.site_cfg, job.cfg, job.site.name)
+        _, self.key, self.label = home
         self.run = _run_tag(job.context)
         self.history = ledger_mod.Ledger(self.directory).verify(self.key).history(exclude_run=self.run)
 

@@ -17,16 +17,14 @@ from ..shared.errors import DataError
 from . import ledger as ledger_mod
 
 
-def rows(directory: Path, delta: float | None = None,
-         anchored: dict[str, dict[str, object]] | None = None) -> list[dict[str, object]]:
-    """One row per data set: runs, rounds, spent ε at δ, budget, remaining, verification
-    (against ``anchored``, an anchor's heads, too: a chain rewritten since is tampered)."""
-    book = ledger_mod.Ledger(directory)
-    problems = ledger_mod.anchor_problems(book, anchored) if anchored else {}
+def rows(items: list[ledger_mod.Chain | ledger_mod.LedgerTampered], delta: float | None = None,
+         problems: dict[str, ledger_mod.LedgerTampered] | None = None) -> list[dict[str, object]]:
+    """One row per data set of ``Ledger.chains()``: runs, rounds, spent ε at δ, budget,
+    remaining, verification (with ``problems`` against an anchor: a chain rewritten since,
+    or gone with its head, is tampered)."""
+    problems = problems or {}
     out: list[dict[str, object]] = []
-    seen: set[str] = set()
-    for item in book.chains():
-        seen.add(item.key)
+    for item in items:
         if isinstance(item, ledger_mod.Chain):
             item = problems.get(item.key, item)
         if isinstance(item, ledger_mod.LedgerTampered):
@@ -42,20 +40,20 @@ def rows(directory: Path, delta: float | None = None,
                     "spent": spent, "delta": at, "budget": budget,
                     "remaining": max(0.0, budget - spent) if math.isfinite(budget) else math.inf,
                     "status": "verified"})
+    seen = {item.key for item in items}
     for key, problem in problems.items():  # anchored, and gone with its head too
         if key not in seen:
             out.append({"dataset": problem.label or key, "status": f"TAMPERED: {problem}"})
     return out
 
 
-def write_anchor(directory: Path, path: Path) -> dict[str, object]:
-    """Write the anchor of every verified chain to ``path`` (atomically); refuse, writing
+def write_anchor(items: list[ledger_mod.Chain | ledger_mod.LedgerTampered], path: Path) -> dict[str, object]:
+    """Write the anchor of ``Ledger.chains()`` to ``path`` (atomically); refuse, writing
     nothing, while any chain fails verification: an anchor must not bless a tampered one."""
-    chains = ledger_mod.Ledger(directory).chains()
-    bad = [c for c in chains if isinstance(c, ledger_mod.LedgerTampered)]
+    bad = [c for c in items if isinstance(c, ledger_mod.LedgerTampered)]
     if bad:
         raise ledger_mod.LedgerTampered(f"no anchor written: {bad[0].label or '?'}: {bad[0]}")
-    doc = ledger_mod.anchor([c for c in chains if isinstance(c, ledger_mod.Chain)])
+    doc = ledger_mod.anchor([c for c in items if isinstance(c, ledger_mod.Chain)])
     write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return doc
 
@@ -85,7 +83,9 @@ def register(app: typer.Typer) -> None:
         table.columns[0].overflow = "fold"
         for column in table.columns[1:]:
             column.no_wrap = True  # numbers stay whole; only the data-set name folds
-        found = rows(directory, delta, anchored)
+        items = ledger_mod.Ledger(directory).chains()
+        problems = ledger_mod.anchor_problems(items, anchored) if anchored else {}
+        found = rows(items, delta, problems)
         tampered = False
         for r in found:
             if str(r["status"]).startswith("TAMPERED"):
@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
         if anchored is not None:
             console.print(f"Every data set of the anchor {anchor} still holds the entries it saw.")
         if write_anchor_to is not None:
-            doc = write_anchor(directory, write_anchor_to)
+            doc = write_anchor(items, write_anchor_to)
             console.print(f"Anchor written to {write_anchor_to}: keep it (or these lines) off this machine.")
             for head in sorted(doc["heads"].values(), key=lambda h: h["label"]):  # type: ignore[union-attr]
                 console.print(f"  {head['label']}: entries={head['count']} last={head['hash']}", highlight=False)

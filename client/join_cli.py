@@ -105,7 +105,7 @@ def _check_anchor(path: Path, cfg: SiteConfig) -> None:
     except DataError as exc:
         console.print(f"[red]refused:[/] {exc}")
         raise typer.Exit(2)
-    problems = ledger_mod.anchor_problems(ledger_mod.Ledger(directory), heads)
+    problems = ledger_mod.anchor_problems(ledger_mod.Ledger(directory).chains(), heads)
     for problem in problems.values():
         console.print(f"[red]refused:[/] privacy ledger {directory}: {problem}", highlight=False)
     if problems:

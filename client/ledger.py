@@ -234,23 +234,26 @@ def read_anchor(path: Path) -> dict[str, dict[str, Any]]:
     return doc["heads"]
 
 
-def anchor_problems(ledger: "Ledger", heads: dict[str, dict[str, Any]]) -> dict[str, LedgerTampered]:
-    """Per anchored data set that no longer holds its anchored entry: why. A chain may
-    have grown since the anchor; it may not have lost or changed what the anchor saw."""
+def anchor_problems(items: list[Chain | LedgerTampered],
+                    heads: dict[str, dict[str, Any]]) -> dict[str, LedgerTampered]:
+    """Per anchored data set that no longer holds its anchored entry: why, from the
+    verified ``Ledger.chains()`` (no reading again). A chain may have grown since the
+    anchor; it may not have lost or changed what the anchor saw, nor fail to verify."""
+    by_key = {item.key: item for item in items if item.key}
+    unreadable = next((i for i in items if isinstance(i, LedgerTampered) and not i.key), None)  # HEADS.json
     out: dict[str, LedgerTampered] = {}
     for key, head in heads.items():
         label = str(head.get("label") or key)
-        try:
-            entries = ledger.verify(key).entries
-        except LedgerTampered as exc:
-            exc.label = label
-            out[key] = exc
+        item = by_key.get(key) or unreadable or Chain(key, label, [])
+        if isinstance(item, LedgerTampered):
+            out[key] = item
             continue
         count = head["count"]
-        if len(entries) < count or entries[count - 1]["hash"] != head["hash"]:
+        if len(item.entries) < count or item.entries[count - 1]["hash"] != head["hash"]:
             exc = LedgerTampered(f"{label}: the anchor saw {count} entries ending in {head['hash'][:16]}; "
-                                 f"the ledger holds {len(entries)} and not that entry (rewritten since the anchor)")
-            exc.label = label
+                                 f"the ledger holds {len(item.entries)} and not that entry "
+                                 "(rewritten since the anchor)")
+            exc.label, exc.key = label, key
             out[key] = exc
     return out
 

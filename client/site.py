@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -103,14 +104,20 @@ def file_records(task_name: str, dataset: str, path: str, stamp: int, strict: bo
 
 def file_stamp(path: Path) -> int:
     """Changes whenever the data does: a file's modification time; for a folder of images,
-    the latest of every entry's and their number (a file removed from a class sub-folder
-    leaves the top folder's own time as it was)."""
+    the latest modification time of its folders and the number of files in them (adding,
+    removing or renaming an image moves its folder's time, where the top folder's own
+    stays as it was). Folders only: it runs on every message, and statting each of 20,000
+    images took half a second; an image overwritten in place under its old name is not
+    seen until the process restarts."""
     if not path.exists():
         return 0
     if not path.is_dir():
         return path.stat().st_mtime_ns
-    entries = [path, *path.rglob("*")]
-    return hash((max(e.stat().st_mtime_ns for e in entries), len(entries)))
+    latest, count = 0, 0
+    for folder, _, files in os.walk(path):
+        latest = max(latest, os.stat(folder).st_mtime_ns)
+        count += len(files)
+    return hash((latest, count))
 
 
 @lru_cache(maxsize=4096)

@@ -89,10 +89,8 @@ def partition_indices(labels: np.ndarray, num_sites: int, scheme: str, alpha: fl
         if min(len(p) for p in parts) >= min_size:
             break
     else:
-        short = [i for i, p in enumerate(parts) if len(p) < min_size]
-        log.warning("Dirichlet(%g) deal over %d sites: after 100 draws site(s) %s hold fewer than %d "
-                    "records and will take no part (raise alpha or lower the number of sites)",
-                    alpha, num_sites, ", ".join(map(str, short)), min_size)
+        _warn_short(parts, min_size, f"Dirichlet({alpha:g}) deal over {num_sites} sites: after 100 draws",
+                    "records and will take no part (raise alpha or lower the number of sites)")
     return [np.sort(np.asarray(p, dtype=int)) for p in parts]
 
 
@@ -145,8 +143,12 @@ def _follow_label_mix(test_labels: np.ndarray, train_label_sets: list[np.ndarray
             if len(out[donor]) <= min_size:
                 break
             out[site].append(out[donor].pop())
-    short = [i for i, o in enumerate(out) if len(o) < min_size]
-    if short:
-        log.warning("test deal over %d sites: site(s) %s hold fewer than %d test records "
-                    "(the pool has too few to go round)", len(out), ", ".join(map(str, short)), min_size)
+    _warn_short(out, min_size, f"test deal over {len(out)} sites:", "test records (the pool has too few to go round)")
     return [np.sort(np.asarray(o, dtype=int)) for o in out]
+
+
+def _warn_short(parts: Sequence[Sequence[int]], min_size: int, deal: str, consequence: str) -> None:
+    """Name the dealt sites holding fewer than ``min_size`` records, if any."""
+    short = [str(i) for i, p in enumerate(parts) if len(p) < min_size]
+    if short:
+        log.warning("%s site(s) %s hold fewer than %d %s", deal, ", ".join(short), min_size, consequence)

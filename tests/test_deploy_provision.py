@@ -92,7 +92,7 @@ def test_join_refuses_a_ledger_rewritten_since_its_anchor(tmp_path, heart_csvs):
     for run in ("r1", "r2"):
         book.append("k", "cleveland", {"run": run, **entry})
     anchor = tmp_path / "anchor.json"
-    write_anchor(book.dir, anchor)
+    write_anchor(book.chains(), anchor)
     layout = provision(tmp_path / "fed", ["localhost"], ["a"])
     layout.hospital_key("a").chmod(0o644)  # a later check refuses, so no SuperNode starts either way
 
