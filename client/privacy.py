@@ -1,9 +1,16 @@
 """A hospital's privacy accounting: exact, cumulative, calibrated for the real steps.
 
 The accountant history is a list of ``(noise_multiplier, sample_rate, steps)`` entries,
-exactly Opacus' ``RDPAccountant.history``. It is kept across rounds (in the ClientApp's
-``Context.state``) and, with the ledger, across runs, so ε is the RDP composition of
+exactly Opacus' accountant history. It is kept across rounds (in the ClientApp's
+``Context.state``) and, with the ledger, across runs, so ε is the composition of
 everything the site ever released, never a sum of rounded per-round values.
+
+ε is the smaller of two upper bounds on the same composed history, each valid on its
+own: the RDP bound (Mironov et al.) and the numerical PRV bound of Gopi et al. (2021),
+Opacus' default accountant, whose ``eps_upper`` already includes its discretisation
+error. A mechanism that is (ε1, δ)-DP and (ε2, δ)-DP is (min, δ)-DP. PRV is about 10 %
+tighter at ε = 3 (so 10 % less noise for the same claim); RDP stays as the floor when
+PRV's grid would be too large to compute quickly or its numerics fail.
 
 Noise is calibrated once per run for the steps the run will actually take (rounds x
 local steps) on top of what the site already spent, so that the whole run ends at (not
@@ -22,6 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.special import binom, gammaln, log_ndtr
 from opacus.accountants.analysis import rdp as privacy_analysis
+from opacus.accountants.analysis.prv import (Domain, PoissonSubsampledGaussianPRV,
+                                             TruncatedPrivacyRandomVariable, compose_heterogeneous,
+                                             discretize)
+from opacus.accountants.rdp import RDPAccountant
 
 History = list[tuple[float, float, int]]
 
@@ -36,7 +47,36 @@ _CALIBRATION_TARGET = 0.999
 
 
 def epsilon(history: History, delta: float) -> float:
-    """ε of the composed history at δ (RDP accountant over ``ALPHAS``).
+    """ε of the composed history at δ: the smaller of the RDP and PRV upper bounds."""
+    if not history:
+        return 0.0
+    return _epsilon(_merged(history), float(delta))
+
+
+def _merged(history: History) -> tuple[tuple[float, float, int], ...]:
+    """The history with equal (σ, q) entries summed, q = 0 entries dropped, sorted:
+    composition is commutative, so this is the same mechanism in one canonical form (one
+    cache key however the rounds were recorded), and one run's rounds collapse to one
+    entry (PRV's cost grows with the number of distinct entries)."""
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        if float(q) > 0 and int(n) > 0:
+            key = (float(s), float(q))
+            steps[key] = steps.get(key, 0) + int(n)
+    return tuple((s, q, n) for (s, q), n in sorted(steps.items()))
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    if not history:
+        return 0.0
+    rdp = rdp_epsilon(list(history), delta)
+    prv = prv_epsilon(list(history), delta)
+    return rdp if prv is None else min(rdp, prv)
+
+
+def rdp_epsilon(history: History, delta: float) -> float:
+    """The RDP bound over ``ALPHAS``.
 
     What ``RDPAccountant.get_epsilon(delta, alphas=ALPHAS)`` returns for the same history
     (per-entry ``rdp * steps`` summed in the same order, Opacus' RDP-to-(ε, δ)
@@ -48,6 +88,88 @@ def epsilon(history: History, delta: float) -> float:
         return 0.0
     rdp = sum([rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history])
     return _epsilon_from_rdp(rdp, delta)
+
+
+#: PRV's error budget: Opacus' defaults (``eps_error`` 0.01, ``delta_error`` δ / 1000).
+_PRV_EPS_ERROR = 0.01
+#: Beyond this many grid points (large ε over very many steps) PRV is skipped for RDP.
+_PRV_MAX_POINTS = 4_000_000
+_OPACUS_ORDERS = RDPAccountant.DEFAULT_ALPHAS
+
+
+def prv_epsilon(history: History, delta: float) -> float | None:
+    """Opacus' ``PRVAccountant.get_epsilon(delta)`` (its upper bound) for the history, or
+    None where its grid would exceed ``_PRV_MAX_POINTS`` or its numerics fail.
+
+    Opacus' own construction step by step (safe domain from an RDP bound, mesh from the
+    error budget, truncate, discretise, compose by FFT), with two parts computed faster:
+    the RDP bound sizing the domain comes from ``rdp_per_step`` over Opacus' default
+    orders (a prefix of ``ALPHAS``: the same number), and the truncated PRV's mean, which
+    the discretisation preserves, from ``_TruncatedPRV`` (more accurate than Opacus'
+    adaptive quadrature). 10-20x faster than ``PRVAccountant``; a test checks they agree.
+    """
+    if any(float(s) <= 0 for s, _, _ in history):
+        return None
+    delta_error = delta / 1000
+    total = sum(int(n) for _, _, n in history)
+    reach = _rdp_on_opacus_orders(history, delta_error / 4)
+    for s, q, _ in history:
+        reach = max(reach, _rdp_on_opacus_orders([(s, q, 1)], delta_error / (8 * total)))
+    half_width = max(reach, _PRV_EPS_ERROR) + 3
+    mesh = _PRV_EPS_ERROR / math.sqrt(total * math.log(12 / delta_error) / 2)
+    if not math.isfinite(half_width) or 2 * half_width / mesh > _PRV_MAX_POINTS:
+        return None
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            domain = Domain.create_aligned(-half_width, half_width, mesh)
+            dprvs = [discretize(_TruncatedPRV(
+                PoissonSubsampledGaussianPRV(float(q), float(s)), domain.t_min, domain.t_max), domain)
+                for s, q, _ in history]
+            composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=[int(n) for *_, n in history])
+            upper = float(composed.compute_epsilon(delta, delta_error, _PRV_EPS_ERROR)[2])
+    except (ValueError, FloatingPointError, ArithmeticError, RuntimeError):
+        return None
+    return upper if math.isfinite(upper) and upper >= 0 else None
+
+
+class _TruncatedPRV(TruncatedPrivacyRandomVariable):
+    """Opacus' truncated privacy random variable with its mean by fixed Gauss-Legendre rules.
+
+    Opacus integrates the CDF with ``scipy.integrate.quad`` one scalar point at a time over
+    log-spaced pieces (70 % of a PRV's cost). Here the same pieces, plus a break at
+    log(1 - q), where the Poisson-subsampled Gaussian's loss begins (the CDF's one steep
+    place), each get a 128-point rule evaluated in one vectorised call: within 1e-11 of a
+    tight adaptive quadrature on a grid of σ, q and truncation, where Opacus' default
+    quadrature misses by up to 1e-8 (a test checks it).
+    """
+
+    _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(128)
+
+    def mean(self) -> float:
+        points = self.pieces()
+        left, right = points[:-1], points[1:]
+        nodes = (right - left)[:, None] / 2 * self._NODES + (right + left)[:, None] / 2
+        # A sum, not a BLAS product: its rounding must not depend on the thread count.
+        integral = (self.cdf(nodes) * self._WEIGHTS).sum(axis=1) * (right - left) / 2
+        at = self.cdf(points)
+        return float(np.sum(right * at[1:] - left * at[:-1] - integral))
+
+    def pieces(self) -> np.ndarray:
+        """Opacus' integration pieces, with log(1 - q) added as a break."""
+        lower, upper = int(np.log10(abs(self.t_min))), int(np.log10(self.t_max))
+        points = np.concatenate([[self.t_min], -np.logspace(lower, -5, num=10), [0],
+                                 np.logspace(-5, upper, num=10), [self.t_max]])
+        q = self._prv.sample_rate
+        if q < 1 and self.t_min < math.log1p(-q) < self.t_max:
+            points = np.append(points, math.log1p(-q))
+        return np.unique(points)
+
+
+def _rdp_on_opacus_orders(history: History, delta: float) -> float:
+    orders = len(_OPACUS_ORDERS)
+    rdp = sum([rdp_per_step(float(s), float(q))[:orders] * int(n) for s, q, n in history])
+    return _epsilon_from_rdp(rdp, delta, _OPACUS_ORDERS)
 
 
 def _epsilon_from_rdp(rdp: np.ndarray, delta: float, orders: Sequence[float] = ALPHAS) -> float:
@@ -71,15 +193,17 @@ def _calibrate(prior_key: tuple[tuple[float, float, int], ...], sample_rate: flo
                target_epsilon: float, delta: float) -> float:
     """``calibrate_noise``, once per distinct question (equal-sized hospitals ask the same).
 
-    Two bisections on σ. The first uses the integer orders only (a cheap closed form);
-    dropping orders can only raise the bound, so its σ is safe but slightly high (about 1 %
-    at ε = 8). The second narrows that down with the accountant the site reports
-    (``epsilon``, every order), so the run ends just under its budget.
+    Three bisections on σ, each on a tighter bound than the last, so the costly one
+    searches a narrow interval. The first uses the RDP integer orders only (a cheap
+    closed form; dropping orders can only raise the bound, so its σ is safe but about
+    1 % high at ε = 8), the second RDP at every order, the third the accountant the site
+    reports (``epsilon``, RDP or PRV, whichever is smaller), so the run ends just under
+    its budget.
     """
     prior = list(prior_key)
     goal = target_epsilon * _CALIBRATION_TARGET
     prior_rdp = sum((rdp_per_step(s, q) * n for s, q, n in prior), np.zeros(len(ALPHAS)))
-    if prior and _epsilon_from_rdp(prior_rdp, delta) >= goal:
+    if prior and epsilon(prior, delta) >= goal:
         raise ValueError("budget already spent")
 
     def integer_orders(sigma: float) -> float:
@@ -89,17 +213,24 @@ def _calibrate(prior_key: tuple[tuple[float, float, int], ...], sample_rate: flo
     def every_order(sigma: float) -> float:
         return _epsilon_from_rdp(prior_rdp + _rdp(sigma, sample_rate) * steps, delta)
 
+    def reported(sigma: float) -> float:
+        return epsilon(prior + [(sigma, sample_rate, steps)], delta)
+
     lo, hi = 0.0, 1.0
     while integer_orders(hi) > goal:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError("no noise multiplier reaches the budget")
     hi = _bisect(integer_orders, lo, hi, goal)
-    lo = hi * 0.95
+    lo = hi * 0.9
     while lo > 1e-6 and every_order(lo) <= goal:
-        hi, lo = lo, lo * 0.95
+        hi, lo = lo, lo * 0.9
     hi = _bisect(every_order, lo, hi, goal)
-    while epsilon(prior + [(hi, sample_rate, steps)], delta) > goal:  # never expected; kept exact
+    lo = hi * 0.85  # PRV allows 5-11 % less noise than RDP where fedcare runs
+    while lo > 1e-6 and reported(lo) <= goal:
+        hi, lo = lo, lo * 0.85
+    hi = _regula_falsi(reported, lo, hi, goal)
+    while reported(hi) > goal:  # never expected; kept exact
         hi *= 1.001
     return hi
 
@@ -112,6 +243,33 @@ def _bisect(eps_at: Callable[[float], float], lo: float, hi: float, goal: float)
             lo = mid
         else:
             hi = mid
+    return hi
+
+
+def _regula_falsi(eps_at: Callable[[float], float], lo: float, hi: float, goal: float) -> float:
+    """``_bisect``'s answer in fewer calls, for a costly eps_at (PRV: ~10 ms a call).
+
+    The Illinois variant of false position on the bracket eps_at(lo) > goal >= eps_at(hi),
+    which keeps that invariant (so the σ returned is always one that was checked); it stops
+    when the bracket is 1e-4 relative or eps_at(hi) is within 2e-4 of the goal.
+    """
+    f_lo, f_hi = eps_at(lo) - goal, eps_at(hi) - goal
+    side = 0
+    while hi - lo > 1e-4 * hi and f_hi < -2e-4 * goal:
+        mid = hi - f_hi * (hi - lo) / (f_hi - f_lo)
+        if not lo < mid < hi:
+            mid = (lo + hi) / 2
+        f_mid = eps_at(mid) - goal
+        if f_mid > 0:
+            lo, f_lo = mid, f_mid
+            if side == -1:
+                f_hi /= 2
+            side = -1
+        else:
+            hi, f_hi = mid, f_mid
+            if side == 1:
+                f_lo /= 2
+            side = 1
     return hi
 
 

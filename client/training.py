@@ -2,9 +2,9 @@
 
 With a finite budget the loop is Opacus DP-SGD: Poisson sampling (sample rate
 batch_size / n), per-sample clipping, Gaussian noise from a generator seeded by the
-operating system's CSPRNG (unless the run asks for reproducible noise), and the RDP
-accountant recording every step. Without a budget (ε = inf) it is plain mini-batch
-training, for comparison.
+operating system's CSPRNG (unless the run asks for reproducible noise), and every step
+recorded in the accountant history that ``client.privacy`` composes. Without a budget
+(ε = inf) it is plain mini-batch training, for comparison.
 
 FedProx' proximal term is applied as a decoupled step after each optimiser step
 (w <- w - lr * mu * (w - w_global)). It depends on no record, so it is post-processing

@@ -89,7 +89,7 @@ def model_card(task: Any, cfg: Any, summary: Mapping[str, Any], *, torchscript: 
         deltas = sorted({p["delta"] for p in dp_sites if p["delta"] is not None})
         guarantee = (f"record-level (ε, δ)-differential privacy per site for its training records, "
                      f"ε ≤ {worst:.4g} at δ = {', '.join(f'{d:g}' for d in deltas)} over this run "
-                     f"(DP-SGD, Poisson sampling, RDP accountant)"
+                     f"(DP-SGD, Poisson sampling, RDP and PRV accountants, the smaller bound)"
                      + ("" if len(dp_sites) == len(per_site) else "; some sites trained without DP"))
     means = {k[len("mean_site_"):]: v for k, v in summary.items() if k.startswith("mean_site_")}
     return {
