@@ -14,8 +14,13 @@ one and fewer than ``min-records`` records. The same set again, or one that diff
 same rule: the same model evaluated on two test sets one record apart tells how it did
 on that record (a coordinator chooses the model it sends).
 
-Pairwise only: differences across three or more releases (a "tracker") are not checked.
-The fingerprints stay on the hospital's disk with its data; only the refusal's fixed
+Combinations of three or more releases (a "tracker": the sums over P, over Q and over
+P, Q and one patient more give that patient as the first minus the other two) are checked
+for the exact case: a release is refused if, with it, some record's indicator lies in
+the span of the released sets' indicators, i.e. some linear combination of the releases
+is that one record (Chin and Ozsoyoglu's criterion for auditing sum queries). Such a
+combination isolating two to ``min-records`` - 1 records is caught only between two
+releases (finding the sparsest vector of a span is NP-hard in general). The fingerprints stay on the hospital's disk with its data; only the refusal's fixed
 reason crosses the wire (``errors.RELEASE_REFUSED``).
 """
 
@@ -37,6 +42,26 @@ def difference(a: np.ndarray, b: np.ndarray) -> int:
     """Records in one multiset of fingerprints and not the other (the symmetric difference)."""
     ca, cb = Counter(a.tolist()), Counter(b.tolist())
     return sum(((ca - cb) + (cb - ca)).values())
+
+
+def isolated(sets: list[np.ndarray]) -> bool:
+    """Whether some record's indicator is a linear combination of the sets' indicators.
+
+    Columns are distinct fingerprints (identical records share one), rows the sets, with
+    multiplicities. A unit vector lies in the row space exactly when its projection onto
+    it has norm 1: the record's leverage, the squared norm of its column in the right
+    singular vectors of nonzero singular value.
+    """
+    universe, columns = np.unique(np.concatenate(sets), return_inverse=True)
+    counts = np.zeros((len(sets), len(universe)))
+    start = 0
+    for row, s in enumerate(sets):
+        np.add.at(counts[row], columns[start:start + len(s)], 1.0)
+        start += len(s)
+    _, singular, vt = np.linalg.svd(counts, full_matrices=False)
+    rank = int((singular > singular[0] * len(universe) * np.finfo(float).eps).sum()) if len(singular) else 0
+    leverage = (vt[:rank] ** 2).sum(axis=0)
+    return bool((leverage > 1 - 1e-8).any())
 
 
 #: Kinds of release, each compared only with its own kind: the preprocessing sums (over
@@ -68,12 +93,16 @@ class Releases:
         with self.ledger.locked():
             if path.exists():  # released before (every round's metrics): checked then
                 return
-            for earlier in self.sets():
+            earlier_sets = self.sets()
+            for earlier in earlier_sets:
                 d = difference(current, earlier)
                 if 0 < d < min_records:
                     raise ReleaseRefused(f"the records differ from an earlier release's ({len(earlier)} records) "
                                          f"by {d}, fewer than min-records {min_records}: {self.kind} over both "
                                          f"would single out those records")
+            if min_records > 1 and earlier_sets and isolated(earlier_sets + [current]):
+                raise ReleaseRefused(f"a combination of this release and {len(earlier_sets)} earlier one(s) "
+                                     f"would give one record's {self.kind} exactly")
             self.dir.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(path, _npy(current), fsync=True)
 

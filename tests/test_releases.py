@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcare.client.releases import Releases, difference
+from fedcare.client.releases import Releases, difference, isolated
 from fedcare.shared import errors
 from fedcare.shared.config import RunConfig
 from fedcare.shared.errors import ReleaseRefused
@@ -38,6 +38,44 @@ def test_a_release_within_min_records_of_an_earlier_one_is_refused_and_not_recor
     assert len(book.sets()) == 2
     with pytest.raises(ReleaseRefused):  # one record from the second set
         book.admit(first[6:], 5)
+
+
+def test_a_tracker_of_three_releases_is_refused_though_each_pair_differs_enough(tmp_path: Path):
+    """Sums over P, over Q, then over P, Q and one patient x: any two differ by at least
+    min-records, but the third minus the first two is x's record alone."""
+    book = Releases(tmp_path / "ledger", "k")
+    p, q, x = np.arange(0, 10), np.arange(10, 20), np.array([99])
+    book.admit(p.astype(np.uint64), 5)
+    book.admit(q.astype(np.uint64), 5)
+    tracker = np.concatenate([p, q, x]).astype(np.uint64)
+    with pytest.raises(ReleaseRefused, match=r"combination of this release and 2 earlier one\(s\)"):
+        book.admit(tracker, 5)
+    assert len(book.sets()) == 2
+    book.admit(np.concatenate([p, q]).astype(np.uint64), 5)  # P and Q together isolate no one
+    halves = np.concatenate([p[:5], q[:5], np.arange(30, 36)]).astype(np.uint64)
+    book.admit(halves, 5)
+    assert len(book.sets()) == 4
+
+
+def test_isolated_finds_a_record_in_the_span_of_the_sets():
+    u = lambda *v: np.array(v, dtype=np.uint64)  # noqa: E731
+    a, b = u(0, 1, 2, 3, 4, 5), u(3, 4, 5, 6, 7, 8)
+    assert not isolated([a, b])
+    assert not isolated([a, b, u(3, 4, 5)])  # a minus the overlap: three records, not one
+    assert isolated([a, u(1, 2, 3, 4, 5)])  # a minus the second: record 0
+    assert isolated([u(1, 1, 2), u(1, 2)])  # a duplicated record counts twice: 1 is isolated
+    assert not isolated([u(1, 1, 2, 2)])
+    # Two multisets 3 records apart: twice the second minus the first is record 3 three times.
+    assert isolated([u(1, 1, 2, 2, 3), u(1, 2, 3, 3)])
+
+
+def test_two_multisets_min_records_apart_can_still_isolate_a_record(tmp_path: Path):
+    book = Releases(tmp_path / "ledger", "k")
+    book.admit(np.array([1, 1, 2, 2, 3], dtype=np.uint64), 3)
+    second = np.array([1, 2, 3, 3], dtype=np.uint64)  # 3 records apart: pairwise it passes
+    with pytest.raises(ReleaseRefused, match="would give one record's sums exactly"):
+        book.admit(second, 3)
+    book.admit(second, 1)  # min-records 1: no control
 
 
 def test_a_hospital_that_lost_one_image_refuses_to_release_aggregates_over_the_rest(tmp_path: Path):
