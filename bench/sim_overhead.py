@@ -19,8 +19,8 @@
 
 The first in-process run warms imports and caches (as any second run in a session
 would be) and is not counted. ``sim_overhead_nodp`` is the same job with ε = ∞:
-with DP, most of the hospitals' time goes to calibrating the noise for the run (Opacus'
-RDP analysis at ~20 noise levels), which the strict ratio counts as overhead.
+with DP, most of the hospitals' time goes to calibrating the noise for the run (the RDP
+and PRV bounds at ~30 noise levels), which the strict ratio counts as overhead.
 """
 
 from __future__ import annotations
