@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 from scipy import integrate
+from scipy.optimize import brentq
+from scipy.stats import norm
 from sklearn import metrics as skm
 
 from fedcare.client.privacy import (ALPHAS, _INTEGER_ORDERS, _rdp_integer_orders, _TruncatedPRV, calibrate_noise,
@@ -79,6 +83,23 @@ def test_truncated_prv_mean_matches_a_tight_quadrature(sigma, q, half_width):
         area, _ = integrate.quad(lambda t: float(prv.cdf(t)), a, b, limit=1000, epsabs=1e-15, epsrel=1e-13)
         want += b * float(prv.cdf(b)) - a * float(prv.cdf(a)) - area
     assert prv.mean() == pytest.approx(want, rel=1e-9, abs=1e-13)
+
+
+@pytest.mark.parametrize("sigma,steps,delta", [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (8.4, 5, 1e-5), (4.0, 40, 1e-3),
+                                             (0.8, 3, 1e-6), (20.0, 200, 1e-5)])
+def test_prv_bounds_the_exact_gaussian_mechanism_from_above_within_its_error(sigma, steps, delta):
+    """Without subsampling the composition is known exactly: k Gaussian mechanisms of noise
+    σ are one of noise σ/√k, whose δ(ε) is Balle and Wang's (2018) closed form. PRV must
+    bound it from above (it is a guarantee) and by no more than its error budget."""
+    mu = math.sqrt(steps) / sigma
+
+    def delta_at(eps: float) -> float:
+        return norm.cdf(mu / 2 - eps / mu) - math.exp(eps) * norm.cdf(-mu / 2 - eps / mu) - delta
+
+    exact = brentq(delta_at, 0.0, 200.0)
+    prv = prv_epsilon([(sigma, 1.0, steps)], delta)
+    assert exact <= prv <= exact + 0.011
+    assert prv < rdp_epsilon([(sigma, 1.0, steps)], delta)
 
 
 def test_epsilon_composes_rounds_like_one_entry():
