@@ -20,7 +20,9 @@ for the exact case: a release is refused if, with it, some record's indicator li
 the span of the released sets' indicators, i.e. some linear combination of the releases
 is that one record (Chin and Ozsoyoglu's criterion for auditing sum queries). Such a
 combination isolating two to ``min-records`` - 1 records is caught only between two
-releases (finding the sparsest vector of a span is NP-hard in general). The fingerprints stay on the hospital's disk with its data; only the refusal's fixed
+releases (finding the sparsest vector of a span is NP-hard in general).
+
+The fingerprints stay on the hospital's disk with its data; only the refusal's fixed
 reason crosses the wire (``errors.RELEASE_REFUSED``).
 """
 
