@@ -19,9 +19,10 @@ Three things fedcare changes, each because the guarantee depends on it:
 
 Accounting: each release is a Gaussian mechanism with noise multiplier ``central-noise``
 on a site-level neighbouring relation (add or remove one hospital's whole update). The
-ε reported in ``summary.json`` is the composition (``privacy.epsilon``) of the releases at ``delta`` with no
-amplification by sampling (sites are picked by a fixed-size draw, not Poisson sampling),
-so it is exact for q = 1 and conservative otherwise.
+ε reported in ``summary.json`` is the composition (``privacy.epsilon``) of the releases at
+``delta`` with no amplification by sampling (sites are picked by a fixed-size draw, not
+Poisson sampling): within PRV's 0.01 error budget of the exact ε when every site takes
+part in every round, conservative otherwise.
 """
 
 from __future__ import annotations
