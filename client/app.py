@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import os
+import weakref
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -265,7 +266,8 @@ def evaluate(job: _Job) -> RecordDict:
 
 #: (ledger folder, data set key, kind) -> the records this process last admitted there:
 #: the same object again (every round's metrics) is not fingerprinted again.
-_ADMITTED: dict[tuple[Path, str, str], Records] = {}
+#: Weak values: the memo must not keep a data set alive after the site cache dropped it.
+_ADMITTED: "weakref.WeakValueDictionary[tuple[Path, str, str], Records]" = weakref.WeakValueDictionary()
 
 
 def _admit_release(job: _Job, records: Records, kind: str) -> None:

@@ -5,7 +5,8 @@ entry per training round, written *before* the round's update leaves the site. E
 holds the run, task, model, planned rounds, the accountant history of the round
 (``(noise_multiplier, sample_rate, steps)`` entries), the site's budget and the ε the
 whole ledger reaches at its δ. ε across runs is the composition (RDP or PRV bound,
-whichever is smaller) of all stored histories (``privacy.epsilon(prior + current, δ)``), never a sum of rounded values.
+whichever is smaller) of all stored histories (``privacy.epsilon(prior + current, δ)``),
+never a sum of rounded values.
 
 Tamper evidence: each entry carries the SHA-256 of its canonical JSON, which includes the
 previous entry's hash. ``HEADS.json`` keeps, per data set, the entry count and last hash,

@@ -75,8 +75,8 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> flo
     return rdp if prv is None else min(rdp, prv)
 
 
-def rdp_epsilon(history: History, delta: float) -> float:
-    """The RDP bound over ``ALPHAS``.
+def rdp_epsilon(history: History, delta: float, orders: Sequence[float] = ALPHAS) -> float:
+    """The RDP bound over ``orders``: ``ALPHAS`` or a prefix of it.
 
     What ``RDPAccountant.get_epsilon(delta, alphas=ALPHAS)`` returns for the same history
     (per-entry ``rdp * steps`` summed in the same order, Opacus' RDP-to-(ε, δ)
@@ -86,8 +86,8 @@ def rdp_epsilon(history: History, delta: float) -> float:
     """
     if not history:
         return 0.0
-    rdp = sum([rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history])
-    return _epsilon_from_rdp(rdp, delta)
+    rdp = sum([rdp_per_step(float(s), float(q))[:len(orders)] * int(n) for s, q, n in history])
+    return _epsilon_from_rdp(rdp, delta, orders)
 
 
 #: PRV's error budget: Opacus' defaults (``eps_error`` 0.01, ``delta_error`` δ / 1000).
@@ -112,9 +112,9 @@ def prv_epsilon(history: History, delta: float) -> float | None:
         return None
     delta_error = delta / 1000
     total = sum(int(n) for _, _, n in history)
-    reach = _rdp_on_opacus_orders(history, delta_error / 4)
+    reach = rdp_epsilon(history, delta_error / 4, _OPACUS_ORDERS)
     for s, q, _ in history:
-        reach = max(reach, _rdp_on_opacus_orders([(s, q, 1)], delta_error / (8 * total)))
+        reach = max(reach, rdp_epsilon([(s, q, 1)], delta_error / (8 * total), _OPACUS_ORDERS))
     half_width = max(reach, _PRV_EPS_ERROR) + 3
     mesh = _PRV_EPS_ERROR / math.sqrt(total * math.log(12 / delta_error) / 2)
     if not math.isfinite(half_width) or 2 * half_width / mesh > _PRV_MAX_POINTS:
@@ -164,12 +164,6 @@ class _TruncatedPRV(TruncatedPrivacyRandomVariable):
         if q < 1 and self.t_min < math.log1p(-q) < self.t_max:
             points = np.append(points, math.log1p(-q))
         return np.unique(points)
-
-
-def _rdp_on_opacus_orders(history: History, delta: float) -> float:
-    orders = len(_OPACUS_ORDERS)
-    rdp = sum([rdp_per_step(float(s), float(q))[:orders] * int(n) for s, q, n in history])
-    return _epsilon_from_rdp(rdp, delta, _OPACUS_ORDERS)
 
 
 def _epsilon_from_rdp(rdp: np.ndarray, delta: float, orders: Sequence[float] = ALPHAS) -> float:

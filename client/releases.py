@@ -54,12 +54,9 @@ def isolated(sets: list[np.ndarray]) -> bool:
     it has norm 1: the record's leverage, the squared norm of its column in the right
     singular vectors of nonzero singular value.
     """
-    universe, columns = np.unique(np.concatenate(sets), return_inverse=True)
-    counts = np.zeros((len(sets), len(universe)))
-    start = 0
-    for row, s in enumerate(sets):
-        np.add.at(counts[row], columns[start:start + len(s)], 1.0)
-        start += len(s)
+    universe = np.unique(np.concatenate(sets))
+    counts = np.array([np.bincount(np.searchsorted(universe, s), minlength=len(universe)) for s in sets],
+                      dtype=float)
     _, singular, vt = np.linalg.svd(counts, full_matrices=False)
     rank = int((singular > singular[0] * len(universe) * np.finfo(float).eps).sum()) if len(singular) else 0
     leverage = (vt[:rank] ** 2).sum(axis=0)
